@@ -1,0 +1,89 @@
+"""The CTR model: shared features -> (context encoder) -> lifelong interest -> MLP head.
+
+Notation: B batch, S short-term length, L lifelong length, D embedding size,
+P profile fields. The forward pass reads like LCN Fig. 2 / CAIN Fig. 2:
+
+1. embed the candidate, profile, short-term and lifelong behaviours;
+2. short-term interest: target attention over ``st_tgt`` and ``st_src``;
+3. optional context encoder (CAIN §4.1–4.3: TCN / MSIA / PEG) whose output
+   ``cr_t`` replaces the behaviour representation ``lhe_t`` (CAIN eq. 6);
+4. lifelong interest from the registry module (``din`` ... ``lap``);
+5. MLP head over ``[candidate ‖ profile ‖ short-term ‖ lifelong (‖ MSIA aux)]`` -> logits (B,).
+
+The CRP contrastive loss (LCN §4.1) is returned as an auxiliary loss in
+training mode; the trainer adds ``aux_weights[name] * aux[name]`` to the BCE
+loss (LCN eq. 14).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from raylsm.models.config import ModelConfig
+from raylsm.models.layers import MLP, DotTargetAttention, FeatureLayer, Vocab
+
+
+class CTRModel(nn.Module):
+    """A lifelong-sequence CTR model assembled from a :class:`ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig, vocab: Vocab):
+        super().__init__()
+        from raylsm.models import build_context_encoder, build_crp, build_lifelong
+
+        self.cfg = cfg
+        self.features = FeatureLayer(cfg.features, vocab)
+        f = self.features
+        self.st_tgt_attention = DotTargetAttention(f.behaviour_dim, f.behaviour_dim)
+        self.st_src_attention = DotTargetAttention(f.behaviour_dim, f.behaviour_dim)
+        self.context_encoder = build_context_encoder(
+            cfg, in_dim=f.behaviour_dim + f.context_dim, query_dim=f.behaviour_dim, profile_dim=f.profile_dim
+        )
+        seq_dim = self.context_encoder.out_dim if self.context_encoder is not None else f.behaviour_dim
+        self.lifelong = build_lifelong(cfg, query_dim=f.behaviour_dim, seq_dim=seq_dim, ctx_dim=f.context_dim)
+        self.crp = build_crp(cfg)
+        aux_dim = self.context_encoder.aux_dim if self.context_encoder is not None else 0
+        head_in = 2 * f.behaviour_dim + f.profile_dim + 2 * f.behaviour_dim + self.lifelong.out_dim + aux_dim
+        self.head = MLP(head_in, list(cfg.head), out_dim=1)
+        for m in self.head.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.aux_weights: dict[str, float] = {"crp": cfg.crp.weight} if self.crp is not None else {}
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        f = self.features
+        # 1. Embeddings.
+        cand = f.behaviour(batch["item_id"], batch["item_cate"])  # (B, 2D)
+        profile = f.profile(batch["profile"])  # (B, P*D)
+        st_tgt = f.behaviour(batch["st_tgt_items"], batch["st_tgt_cates"])  # (B, S, 2D)
+        st_src = f.behaviour(batch["st_src_items"], batch["st_src_cates"])  # (B, S, 2D)
+        ll = f.behaviour(batch["ll_items"], batch["ll_cates"])  # (B, L, 2D)
+        ctx = f.context(batch["ll_ctx"], batch["ll_gap"])  # (B, L, 2D)
+        ll_mask = batch["ll_mask"]
+
+        # 2. Short-term interest.
+        short = torch.cat(
+            [
+                self.st_tgt_attention(cand, st_tgt, batch["st_tgt_mask"]),
+                self.st_src_attention(cand, st_src, batch["st_src_mask"]),
+            ],
+            dim=-1,
+        )  # (B, 4D)
+
+        # 3. Context-aware representations cr_t replace lhe_t (CAIN eq. 6).
+        parts = [cand, profile, short]
+        seq = ll
+        if self.context_encoder is not None:
+            seq, aux_interest = self.context_encoder(torch.cat([ll, ctx], dim=-1), ll_mask, cand, profile)
+        # 4. Lifelong interest.
+        parts.append(self.lifelong(cand, seq, ctx, ll_mask))
+        if self.context_encoder is not None and self.context_encoder.aux_dim:
+            parts.append(aux_interest)
+
+        # 5. Head -> logits.
+        logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        aux: dict[str, Tensor] = {}
+        if self.crp is not None and self.training:
+            aux["crp"] = self.crp(st_tgt, batch["st_tgt_mask"], st_src, batch["st_src_mask"], batch["user_id"])
+        return logits, aux

@@ -1,0 +1,194 @@
+"""Shared layers: feature embeddings, masked attention, top-K gather, MLP.
+
+Notation used across the model files:
+    B  batch size            L  lifelong sequence length
+    S  short-term length     K, K1, K2  retrieved lengths
+    D  embedding size        H  attention heads, d = per-head size
+
+A behaviour's representation is ``[e_item ‖ e_cate]`` (2D); its context
+representation ``e_c = [e_ctx ‖ e_gap]`` (2D). Padding id 0 embeds to zeros and
+every sequence carries a boolean mask (True = real behaviour).
+
+Interface of a lifelong-interest module (registry in ``raylsm.models``)::
+
+    module = Cls(cfg, query_dim, seq_dim, ctx_dim)
+    interest = module(query, seq, ctx, mask)   # (B, Dq), (B, L, Ds), (B, L, Dc), (B, L) -> (B, module.out_dim)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from raylsm.models.config import FeatureConfig
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Embedding-table sizes, from the dataset manifest (``vocab[x]`` = max id + 1)."""
+
+    item: int
+    cate: int
+    ctx: int
+    gap: int
+    user: int
+    profile: dict[str, int]
+
+    @classmethod
+    def from_manifest(cls, manifest) -> "Vocab":
+        v = manifest.vocab
+        return cls(v["item"], v["cate"], v["ctx"], v["gap"], v["user"], dict(manifest.profile_vocab))
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over valid positions only; padded positions get exactly 0 and an all-padding row gives zeros."""
+    filled = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=dim) * mask.to(scores.dtype)
+
+
+def topk_valid(scores: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Indices of the top-``k`` valid positions by score, and which of them are valid.
+
+    ``scores``/``mask`` are (B, L); returns ``idx (B, k') long`` and ``sel_mask (B, k') bool``
+    with ``k' = min(k, L)``. Padding is never preferred over a real behaviour; when a row has
+    fewer than ``k`` real behaviours, the extra slots are marked invalid. Selection carries no
+    gradient (indices are integers).
+    """
+    k = min(k, scores.shape[-1])
+    filled = scores.detach().masked_fill(~mask, float("-inf"))
+    idx = torch.topk(filled, k, dim=-1).indices  # (B, k)
+    return idx, torch.gather(mask, -1, idx)
+
+
+def gather_seq(x: Tensor, idx: Tensor) -> Tensor:
+    """Gather rows of ``x (B, L, D)`` at ``idx (B, K)`` -> ``(B, K, D)``."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x (B, L, D)`` over valid positions; zeros when none is valid."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class MLP(nn.Sequential):
+    """Linear-ReLU stack; the last layer has no activation when ``out_dim`` is given."""
+
+    def __init__(self, in_dim: int, hidden: list[int], out_dim: int | None = None):
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        super().__init__(*layers)
+        self.out_dim = d
+
+
+class MultiHeadTargetAttention(nn.Module):
+    """Candidate-as-query multi-head attention over a (masked) sequence.
+
+    ``Q_h = W^Q_h q``, ``K_h = W^K_h x``, ``V_h = W^V_h x``;
+    ``out = concat_h softmax_valid(Q_h K_h^T / sqrt(d) + bias_h) V_h``.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, heads: int, att_dim: int):
+        super().__init__()
+        self.heads, self.att_dim = heads, att_dim
+        self.w_q = nn.Linear(query_dim, heads * att_dim, bias=False)
+        self.w_k = nn.Linear(key_dim, heads * att_dim, bias=False)
+        self.w_v = nn.Linear(key_dim, heads * att_dim, bias=False)
+        self.out_dim = heads * att_dim
+
+    def scores(self, query: Tensor, seq: Tensor) -> Tensor:
+        """Raw scores ``Q_h K_h^T / sqrt(d)``: (B, H, L)."""
+        b, n, _ = seq.shape
+        q = self.w_q(query).view(b, self.heads, 1, self.att_dim)  # (B, H, 1, d)
+        k = self.w_k(seq).view(b, n, self.heads, self.att_dim).transpose(1, 2)  # (B, H, L, d)
+        return (q * k).sum(-1) / math.sqrt(self.att_dim)  # (B, H, L)
+
+    def forward(self, query: Tensor, seq: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
+        b, n, _ = seq.shape
+        s = self.scores(query, seq)
+        if bias is not None:
+            s = s + bias
+        w = masked_softmax(s, mask.unsqueeze(1))  # (B, H, L)
+        v = self.w_v(seq).view(b, n, self.heads, self.att_dim).transpose(1, 2)  # (B, H, L, d)
+        return (w.unsqueeze(-1) * v).sum(2).reshape(b, self.out_dim)  # (B, H*d)
+
+
+class DotTargetAttention(nn.Module):
+    """Single-head scaled dot-product target attention (used for the short-term interest).
+
+    The output is the softmax-weighted mean of the *unprojected* behaviours, so its size is ``key_dim``.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(query_dim, key_dim, bias=False)
+        self.out_dim = key_dim
+
+    def forward(self, query: Tensor, seq: Tensor, mask: Tensor) -> Tensor:
+        s = (self.proj(query).unsqueeze(1) * seq).sum(-1) / math.sqrt(seq.shape[-1])  # (B, S)
+        w = masked_softmax(s, mask)
+        return (w.unsqueeze(-1) * seq).sum(1)  # (B, Dk)
+
+
+class FeatureLayer(nn.Module):
+    """One embedding table per id space (item, cate, ctx, gap, each profile field, optionally user).
+
+    With ``hash_buckets = N > 0``, an id space whose vocab exceeds N is mapped by
+    ``1 + (id * φ) mod (N - 1)`` into N rows (0 stays padding), so tables stay
+    bounded whatever the vocabulary size.
+    """
+
+    _GOLDEN = 0x9E3779B1  # multiplicative hashing constant (Knuth)
+
+    def __init__(self, cfg: FeatureConfig, vocab: Vocab):
+        super().__init__()
+        self.emb_dim = cfg.emb_dim
+        sizes = {"item": vocab.item, "cate": vocab.cate, "ctx": vocab.ctx, "gap": vocab.gap}
+        sizes.update({f"profile_{k}": v for k, v in vocab.profile.items()})
+        self.profile_fields = list(vocab.profile)
+        self.hashed: dict[str, int] = {}
+        tables = {}
+        for name, size in sizes.items():
+            if cfg.hash_buckets and size > cfg.hash_buckets:
+                self.hashed[name] = cfg.hash_buckets
+                size = cfg.hash_buckets
+            tables[name] = nn.Embedding(size, cfg.emb_dim, padding_idx=0)
+        self.tables = nn.ModuleDict(tables)
+        for emb in self.tables.values():
+            nn.init.xavier_uniform_(emb.weight)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+        self.behaviour_dim = 2 * cfg.emb_dim
+        self.context_dim = 2 * cfg.emb_dim
+        self.profile_dim = len(self.profile_fields) * cfg.emb_dim
+
+    def lookup(self, name: str, ids: Tensor) -> Tensor:
+        buckets = self.hashed.get(name)
+        if buckets is not None:
+            hashed = torch.remainder(ids * self._GOLDEN, buckets - 1) + 1
+            ids = torch.where(ids > 0, hashed, torch.zeros_like(ids))
+        return self.tables[name](ids)
+
+    def behaviour(self, items: Tensor, cates: Tensor) -> Tensor:
+        """``[e_item ‖ e_cate]``: (..., 2D)."""
+        return torch.cat([self.lookup("item", items), self.lookup("cate", cates)], dim=-1)
+
+    def context(self, ctx: Tensor, gap: Tensor) -> Tensor:
+        """``e_c = [e_ctx ‖ e_gap]``: (..., 2D)."""
+        return torch.cat([self.lookup("ctx", ctx), self.lookup("gap", gap)], dim=-1)
+
+    def profile(self, profile: Tensor) -> Tensor:
+        """Concatenated profile-field embeddings: (B, P*D) (a (B, 0) tensor when there are none)."""
+        if not self.profile_fields:
+            return profile.new_zeros((profile.shape[0], 0), dtype=self.tables["item"].weight.dtype)
+        parts = [self.lookup(f"profile_{f}", profile[:, i]) for i, f in enumerate(self.profile_fields)]
+        return torch.cat(parts, dim=-1)  # (B, P*D)
