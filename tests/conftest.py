@@ -54,3 +54,18 @@ def small_vocab() -> Vocab:
 @pytest.fixture
 def batch_factory():
     return make_batch
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (DESIGN §7: address='local', num_cpus=2)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

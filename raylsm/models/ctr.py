@@ -43,7 +43,7 @@ class CTRModel(nn.Module):
         self.lifelong = build_lifelong(cfg, query_dim=f.behaviour_dim, seq_dim=seq_dim, ctx_dim=f.context_dim)
         self.crp = build_crp(cfg)
         aux_dim = self.context_encoder.aux_dim if self.context_encoder is not None else 0
-        head_in = 2 * f.behaviour_dim + f.profile_dim + 2 * f.behaviour_dim + self.lifelong.out_dim + aux_dim
+        head_in = f.behaviour_dim + f.profile_dim + 2 * f.behaviour_dim + self.lifelong.out_dim + aux_dim
         self.head = MLP(head_in, list(cfg.head), out_dim=1)
         for m in self.head.modules():
             if isinstance(m, nn.Linear):

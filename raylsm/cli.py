@@ -1,0 +1,211 @@
+"""The ``raylsm`` command line (DESIGN §4).
+
+Progress goes to stderr; the last stdout line of every command is one JSON
+object with its results. A user mistake (bad option, bad config key, invalid
+dataset) is one ``raylsm: error: ...`` line on stderr and exit code 2 (1 for
+``data check`` finding problems), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+from raylsm.config import ConfigError
+
+
+class UserError(Exception):
+    """A mistake in the user's input; printed as one line."""
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the final JSON line (NaN -> null so every JSON reader accepts it)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    sys.stdout.flush()
+    print(json.dumps(clean(result)), flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from raylsm.data.synth import generate
+
+    summary = generate(
+        args.out,
+        users=args.users,
+        rows=args.rows,
+        ll_len=args.ll_len,
+        st_len=args.st_len,
+        shards=args.shards,
+        domains=args.domains,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    emit(summary)
+    return 0
+
+
+def cmd_data_taobao(args: argparse.Namespace) -> int:
+    from raylsm.data.taobao import convert
+
+    emit(convert(args.raw, args.out, variant=args.variant, ll_len=args.ll_len))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from raylsm.data.contract import iter_problems
+
+    problems = list(iter_problems(args.dir))
+    for p in problems:
+        print(p, file=sys.stderr)
+    emit({"dir": args.dir, "ok": not problems, "problems": problems})
+    return 1 if problems else 0
+
+
+# ----------------------------------------------------------------------------- train / eval
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``raylsm train`` and ``python -m jobs.train``."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model preset: lcn, cain, lap, din, sim_soft, eta, sdim, twin")
+    src.add_argument("--config", help="job YAML (see jobs/*.yaml)")
+    p.add_argument("--data", help="dataset directory (manifest.json + train/ test/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key by dotted path, e.g. --set model.lap.k1=100 (repeatable)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--storage", help="Ray Train storage path for checkpoints (default ./runs)")
+    p.add_argument("--name", help="run name; re-running with the same name and storage resumes from its latest checkpoint")
+    p.add_argument("--max-failures", type=int, help="worker failures to recover from (-1 = unlimited)")
+    p.add_argument("--resume-from", help="checkpoint directory to continue training from")
+
+
+def job_from_args(args: argparse.Namespace):
+    from raylsm.train.config import resolve_job
+
+    flags = {
+        "data.path": args.data,
+        "train.epochs": args.epochs,
+        "train.workers": args.workers,
+        "train.use_gpu": True if args.gpu else None,
+        "mlflow.experiment": args.experiment,
+        "mlflow.tracking_uri": args.tracking_uri,
+        "storage": args.storage,
+        "name": args.name,
+        "train.max_failures": args.max_failures,
+        "resume_from": args.resume_from,
+    }
+    return resolve_job(preset=args.model, config_file=args.config, overrides=args.overrides, flags=flags)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raylsm.train.run import run_training
+
+    job = job_from_args(args)
+    emit(run_training(job))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raylsm.train.evaluate import evaluate_checkpoint
+
+    emit(evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from raylsm.bench import run_bench
+
+    emit(run_bench(args))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylsm", description="Train and tune lifelong-sequence CTR models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="write, convert and check datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="generate a synthetic dataset with planted effects")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--ll-len", type=int, default=500)
+    p.add_argument("--st-len", type=int, default=50)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--domains", choices=["cross", "single"], default="cross")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_data_synth)
+
+    p = data.add_parser("taobao", help="convert the public Taobao logs")
+    p.add_argument("--raw", required=True, help="folder with the raw CSV files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variant", required=True, choices=["ad-click", "user-behavior"])
+    p.add_argument("--ll-len", type=int, default=500)
+    p.set_defaults(fn=cmd_data_taobao)
+
+    p = data.add_parser("check", help="validate a dataset's manifest and every shard")
+    p.add_argument("dir")
+    p.set_defaults(fn=cmd_data_check)
+
+    p = sub.add_parser("train", help="train a model with Ray Train")
+    add_train_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="AUC, GAUC and logloss of a checkpoint on a dataset's test split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="per-step time and peak memory of models (in-process, synthetic batch)")
+    p.add_argument("--models", default="lcn,cain", help="comma-separated presets")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--ll-len", default="500,2000", help="comma-separated lifelong lengths")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
+    from raylsm.data.contract import ContractError
+    from raylsm.train.tracking import TrackingError
+
+    try:
+        return args.fn(args)
+    except ContractError as e:
+        for line in e.problems:
+            print(f"raylsm: error: {line}", file=sys.stderr)
+        return 2
+    except (ConfigError, UserError, TrackingError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("RAYLSM_DEBUG"):
+            raise
+        print(f"raylsm: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raylsm: interrupted", file=sys.stderr)
+        return 130

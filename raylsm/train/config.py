@@ -1,0 +1,115 @@
+"""Job config: which model, which data, how to train, where to track.
+
+A job YAML (``jobs/*.yaml``) looks like::
+
+    preset: lcn              # a model preset (raylsm.models.config.PRESETS)
+    model: {lap: {k1: 200}}  # overrides merged over the preset
+    data: {path: data/synth, ll_len: 500}
+    train: {epochs: 2, batch_size: 512, workers: 1}
+    mlflow: {experiment: raylsm}
+
+:func:`resolve_job` merges preset, file, ``--set`` overrides and CLI flags into
+one validated :class:`JobConfig`; unknown keys raise, naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylsm.config import ConfigError, apply_overrides, from_dict, load_yaml, merge, set_path, to_dict
+from raylsm.models.config import PRESETS, ModelConfig
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synth"
+    st_len: int = 50
+    ll_len: int = 500
+
+    def validate(self) -> None:
+        if self.st_len < 1 or self.ll_len < 1:
+            raise ConfigError(f"data.st_len/ll_len: must be >= 1, got {self.st_len}/{self.ll_len}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 512
+    eval_batch_size: int = 2048
+    lr: float = 1e-3
+    seed: int = 0
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    bf16: bool = False  # bf16 autocast on GPU
+    max_failures: int = 0
+    keep_checkpoints: int = 2  # best N by test AUC
+    shuffle_buffer: int = 4096  # local shuffle buffer (rows) per worker; 0 = off
+    max_steps_per_epoch: int = 0  # 0 = the whole split
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "workers", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"train.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures: must be >= -1 (-1 = retry forever), got {self.max_failures}")
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "raylsm"
+    tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    run_name: str = ""
+
+
+@dataclass
+class JobConfig:
+    preset: str = "lcn"
+    name: str = ""  # Ray Train run name; "" = derived from preset and time. Same name + storage = resume.
+    storage: str = "runs"  # Ray Train storage_path (checkpoints)
+    resume_from: str = ""  # a checkpoint directory to continue training from
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def resolve_job(
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> JobConfig:
+    """Merge preset defaults <- YAML file <- CLI flags <- ``--set`` overrides into a JobConfig."""
+    raw: dict = load_yaml(config_file) if config_file else {}
+    if preset:
+        raw["preset"] = preset
+    name = raw.get("preset", JobConfig.preset)
+    if name not in PRESETS:
+        where = f"{config_file}: key 'preset'" if config_file and not preset else "--model"
+        raise ConfigError(f"{where}: unknown model {name!r} (choose from {', '.join(sorted(PRESETS))})")
+    raw["model"] = merge(PRESETS[name], raw.get("model") or {})
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            set_path(raw, dotted.split("."), value, JobConfig)
+    apply_overrides(raw, overrides or [], JobConfig)
+    return from_dict(JobConfig, raw)
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite store in the working directory (DESIGN §5, §7)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def job_to_dict(job: JobConfig) -> dict:
+    return to_dict(job)

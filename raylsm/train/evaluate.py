@@ -1,0 +1,34 @@
+"""``raylsm eval``: score a checkpoint on a dataset's test split, in process."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from raylsm.data.collate import CollateSpec, iter_local_batches
+from raylsm.data.contract import validate_dataset
+from raylsm.train.loop import model_from_checkpoint, predict
+from raylsm.train.metrics import evaluate_arrays
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 2048) -> dict:
+    """AUC, GAUC and logloss of ``checkpoint`` on ``data``'s test split."""
+    manifest = validate_dataset(data)
+    model, meta = model_from_checkpoint(checkpoint)
+    vocab = meta["vocab"]
+    for key in ("item", "cate", "ctx", "gap", "user"):
+        if manifest.vocab[key] > vocab[key]:
+            raise ValueError(
+                f"{data}/manifest.json: vocab.{key} = {manifest.vocab[key]} exceeds the checkpoint's {vocab[key]}"
+            )
+    job = meta["job"]
+    spec = CollateSpec(job["data"]["st_len"], job["data"]["ll_len"], tuple(manifest.profile_fields))
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    batches = ({k: torch.from_numpy(v) for k, v in b.items()} for b in iter_local_batches(data, "test", spec, batch_size))
+    preds = predict(model.to(device), batches, device)
+    metrics = evaluate_arrays(preds["labels"], preds["logits"], preds["users"])
+    metrics.update(checkpoint=checkpoint, data=data, model=job["preset"], epoch=meta["epoch"],
+                   seconds=round(time.perf_counter() - start, 3))
+    return metrics
