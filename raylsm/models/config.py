@@ -39,6 +39,15 @@ class DinConfig:
 
     max_len: int = 200
     hidden: list[int] = field(default_factory=lambda: [80, 40])
+    # False = weighted SUM by the raw activation-unit scores (DIN §4.3, no softmax, keeps interest
+    # intensity); True = masked softmax over the valid behaviours.
+    softmax: bool = False
+
+    def validate(self) -> None:
+        if self.max_len < 1:
+            raise ConfigError(f"model.din.max_len: must be >= 1, got {self.max_len}")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"model.din.hidden: sizes must be >= 1, got {self.hidden}")
 
 
 @dataclass
@@ -47,6 +56,13 @@ class SimConfig:
 
     k: int = 200
     heads: int = 4
+    att_dim: int = 64  # per-head size d of the ESU (as model.lap.att_dim)
+    esu_ctx: bool = True  # ESU keys/values = [seq ‖ ctx] (SIM's time-interval side info); False = seq only
+
+    def validate(self) -> None:
+        if min(self.k, self.heads, self.att_dim) < 1:
+            got = f"k={self.k}, heads={self.heads}, att_dim={self.att_dim}"
+            raise ConfigError(f"model.sim_soft.k/heads/att_dim: must be >= 1, got {got}")
 
 
 @dataclass
@@ -56,6 +72,16 @@ class EtaConfig:
     k: int = 200
     heads: int = 4
     n_bits: int = 64
+    att_dim: int = 64  # per-head size d of the ESU
+    esu_ctx: bool = True  # ESU keys/values = [seq ‖ ctx]; False = seq only
+    seed: int = 0  # seed of the fixed random hyperplanes (a buffer, not trained)
+
+    def validate(self) -> None:
+        if min(self.k, self.heads, self.att_dim) < 1:
+            got = f"k={self.k}, heads={self.heads}, att_dim={self.att_dim}"
+            raise ConfigError(f"model.eta.k/heads/att_dim: must be >= 1, got {got}")
+        if self.n_bits < 1:
+            raise ConfigError(f"model.eta.n_bits: must be >= 1, got {self.n_bits}")
 
 
 @dataclass
@@ -64,6 +90,16 @@ class SdimConfig:
 
     n_hashes: int = 48
     n_bits: int = 3
+    # concat = per-hash averages concatenated then linearly projected to the behaviour size (SDIM);
+    # mean = plain mean over the hashes (no parameters).
+    combine: Literal["concat", "mean"] = "concat"
+    seed: int = 0  # seed of the fixed random hyperplanes (a buffer, not trained)
+
+    def validate(self) -> None:
+        if self.n_hashes < 1 or self.n_bits < 1:
+            raise ConfigError(
+                f"model.sdim.n_hashes/n_bits: must be >= 1, got n_hashes={self.n_hashes}, n_bits={self.n_bits}"
+            )
 
 
 @dataclass
@@ -72,6 +108,12 @@ class TwinConfig:
 
     k: int = 200
     heads: int = 4
+    att_dim: int = 64  # per-head size d of the shared CP-GSU/ESU attention
+
+    def validate(self) -> None:
+        if min(self.k, self.heads, self.att_dim) < 1:
+            got = f"k={self.k}, heads={self.heads}, att_dim={self.att_dim}"
+            raise ConfigError(f"model.twin.k/heads/att_dim: must be >= 1, got {got}")
 
 
 @dataclass
@@ -115,12 +157,20 @@ class ContextConfig:
     """Context extraction over the lifelong sequence (CAIN §4.1): its output replaces the behaviour representation."""
 
     kind: Literal["none", "tcn", "gru", "self_attention"] = "none"
-    cl: int = 7  # context length: TCN kernel 2*cl+1
+    cl: int = 7  # context length: TCN kernel 2*cl+1 (CAIN §5.2.1: best 7-15, 7 used)
     out_dim: int = 0  # 0 = same as the input representation size
+    # kind=gru: True = two GRUs (forward over the past, backward over the future) whose
+    # outputs are concatenated (ceil/floor of out_dim each), like the TCN's two-sided window.
+    bidirectional: bool = True
+    heads: int = 1  # kind=self_attention: heads (out_dim must be divisible by heads)
 
     def validate(self) -> None:
         if self.cl < 0:
             raise ConfigError(f"model.context.cl: must be >= 0, got {self.cl}")
+        if self.out_dim < 0:
+            raise ConfigError(f"model.context.out_dim: must be >= 0 (0 = input size), got {self.out_dim}")
+        if self.heads < 1:
+            raise ConfigError(f"model.context.heads: must be >= 1, got {self.heads}")
 
 
 @dataclass
@@ -128,17 +178,24 @@ class MSIAConfig:
     """Multi-Scope Interest Aggregator (CAIN §4.2): stacked TCN layers, aux attentions eqs. (8)–(9)."""
 
     enabled: bool = False
-    layers: int = 4
+    layers: int = 4  # CAIN §5.2.2: accuracy peaks at 4 layers
     # Context length of each later layer (kernel 2*cl+1); the first layer uses model.context.cl.
-    later_cl: int = 2
-    later_stride: int = 4
-    att_dim: int = 64
+    # None = same as model.context.cl (CAIN §5.2.2 sets the later layers' context length
+    # "to match those of the first TCN layer").
+    later_cl: int | None = None
+    later_stride: int = 4  # CAIN §5.2.2: strides 1-6 perform alike, 4 chosen
+    att_dim: int = 64  # inner dimension d of the auxiliary attentions, eq. (8)
+    heads: int = 1  # heads of each auxiliary attention (the paper's eqs. 8-9: one)
 
     def validate(self) -> None:
         if self.layers < 1:
             raise ConfigError(f"model.msia.layers: must be >= 1, got {self.layers}")
+        if self.later_cl is not None and self.later_cl < 0:
+            raise ConfigError(f"model.msia.later_cl: must be >= 0 (or null = model.context.cl), got {self.later_cl}")
         if self.later_stride < 1:
             raise ConfigError(f"model.msia.later_stride: must be >= 1, got {self.later_stride}")
+        if self.att_dim < 1 or self.heads < 1:
+            raise ConfigError(f"model.msia.att_dim/heads: must be >= 1, got {self.att_dim}/{self.heads}")
 
 
 @dataclass
@@ -146,9 +203,18 @@ class PEGConfig:
     """Personalized Extractor Generation (CAIN §4.3), eqs. (10)–(12)."""
 
     enabled: bool = False
-    hidden: int = 64
-    aggregation: Literal["replace", "sum", "concat"] = "replace"
-    layers: Literal["all", "first", "later"] = "all"
+    hidden: int = 64  # size of O_n, eq. (10)
+    aggregation: Literal["replace", "sum", "concat"] = "replace"  # CAIN Table 6; replace = the paper's
+    layers: Literal["all", "first", "later"] = "all"  # CAIN Table 4; all = the paper's
+    # 0 = W^P2 full (the paper). r > 0 = W^P2 factorised as (N x r)(r x hidden), N = Cout*Cin*k:
+    # cuts the generator's parameters ~hidden/r-fold; the per-user filters are still materialised.
+    rank: int = 0
+
+    def validate(self) -> None:
+        if self.hidden < 1:
+            raise ConfigError(f"model.peg.hidden: must be >= 1, got {self.hidden}")
+        if self.rank < 0:
+            raise ConfigError(f"model.peg.rank: must be >= 0 (0 = full rank), got {self.rank}")
 
 
 @dataclass

@@ -97,14 +97,15 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], s
     _client(tracking_uri).log_batch(run_id, metrics=batch)
 
 
-def log_model(tracking_uri: str, run_id: str, model, example_batch: dict | None = None) -> str:
+def log_model(tracking_uri: str, run_id: str, model) -> str:
     """Log the model with ``mlflow.pytorch.log_model``; return its model URI."""
     import mlflow
     import mlflow.pytorch
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model")
+        # "pickle": the model takes a dict batch, which the traced pt2 format cannot export without an example.
+        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle")
     return info.model_uri
 
 

@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` (main job end to end) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# Ray 2.60 turns token auth on once ~/.ray/auth_token exists; pin it for a loopback-only local cluster.
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first (pinned); a GPU machine installs its CUDA build of a torch in the project's range instead.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m jobs.demo
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs mlflow.db mlartifacts data/synth-demo

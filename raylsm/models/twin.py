@@ -1,0 +1,88 @@
+"""TWIN (Chang et al., KDD 2023): a CP-GSU that ranks with the ESU's own attention.
+
+Notation:
+    B batch, L lifelong length, K behaviours retrieved (K' = min(K, L)),
+    Dq candidate size, Ds behaviour size, Dc context size, H heads, d = ``att_dim``.
+
+Behaviour features are split into an inherent part ``e_j`` (the behaviour
+representation ``seq``) and a cross part ``e^c_j`` (the context ``ctx`` =
+``[e_ctx ‖ e_gap]``: the user-item side information). The cross part is
+compressed to one scalar per head, a per-behaviour bias ``β_jh = (W^C e^c_j)_h``
+(linear ``Dc -> H``, no bias: a constant per head would change neither ranking
+nor softmax). One :class:`TwinAttention` scores::
+
+    α_jh = (W^Q_h q)(W^K_h e_j)^T / √d + β_jh                    (B, H, L)
+    out  = concat_h Σ_j softmax_valid(α_h)_j W^V_h [e_j ‖ e^c_j]  (B, H*d)
+
+* CP-GSU: ``α`` over the whole sequence, ranked by the head-averaged score
+  ``mean_h α_jh``, top-K valid behaviours; computed under ``no_grad`` (the
+  choice is not differentiated, and TWIN's GSU is not trained separately).
+* ESU: the SAME module (same ``W^Q, W^K, W^C, W^V``), recomputed with gradient on
+  the K' retrieved, values from the full features ``[e_j ‖ e^c_j]`` as in TWIN.
+
+Padding is never selected nor attended; an all-padding row gives zeros; K >= L
+equals the attention over every valid behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from raylsm.models.config import TwinConfig
+from raylsm.models.layers import gather_seq, masked_softmax, topk_valid
+
+
+class TwinAttention(nn.Module):
+    """Multi-head target attention with a per-behaviour, per-head bias from the cross features."""
+
+    def __init__(self, query_dim: int, seq_dim: int, ctx_dim: int, heads: int, att_dim: int):
+        super().__init__()
+        self.heads, self.att_dim = heads, att_dim
+        self.w_q = nn.Linear(query_dim, heads * att_dim, bias=False)
+        self.w_k = nn.Linear(seq_dim, heads * att_dim, bias=False)  # inherent part only
+        self.w_c = nn.Linear(ctx_dim, heads, bias=False)  # cross part -> one scalar per head
+        self.w_v = nn.Linear(seq_dim + ctx_dim, heads * att_dim, bias=False)  # values: all features
+        self.out_dim = heads * att_dim
+
+    def scores(self, query: Tensor, seq: Tensor, ctx: Tensor) -> Tensor:
+        """``α_jh = Q_h K_hj / √d + β_jh``: (B, H, L)."""
+        b, n, _ = seq.shape
+        q = self.w_q(query).view(b, self.heads, 1, self.att_dim)  # (B, H, 1, d)
+        k = self.w_k(seq).view(b, n, self.heads, self.att_dim).transpose(1, 2)  # (B, H, L, d)
+        bias = self.w_c(ctx).transpose(1, 2)  # β  (B, H, L)
+        return (q * k).sum(-1) / math.sqrt(self.att_dim) + bias  # (B, H, L)
+
+    def forward(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
+        b, n, _ = seq.shape
+        w = masked_softmax(self.scores(query, seq, ctx), mask.unsqueeze(1))  # (B, H, L)
+        v = self.w_v(torch.cat([seq, ctx], dim=-1))  # W^V [e_j ‖ e^c_j]  (B, L, H*d)
+        v = v.view(b, n, self.heads, self.att_dim).transpose(1, 2)  # (B, H, L, d)
+        return (w.unsqueeze(-1) * v).sum(2).reshape(b, self.out_dim)  # (B, H*d)
+
+
+class TWIN(nn.Module):
+    """``(query (B, Dq), seq (B, L, Ds), ctx (B, L, Dc), mask (B, L)) -> (B, H*d)``."""
+
+    def __init__(self, cfg: TwinConfig, query_dim: int, seq_dim: int, ctx_dim: int):
+        super().__init__()
+        self.k = cfg.k
+        self.attention = TwinAttention(query_dim, seq_dim, ctx_dim, cfg.heads, cfg.att_dim)  # shared by GSU and ESU
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+        self.out_dim = self.attention.out_dim
+
+    def retrieve(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """CP-GSU: top-K valid behaviours by the head-averaged ESU score -> ``idx (B, K'), sel_mask (B, K')``."""
+        with torch.no_grad():
+            r = self.attention.scores(query, seq, ctx).mean(1)  # mean_h α_jh  (B, L)
+        return topk_valid(r, mask, self.k)
+
+    def forward(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
+        # CP-GSU over the whole sequence.
+        idx, sel_mask = self.retrieve(query, seq, ctx, mask)  # (B, K'), (B, K')
+        # ESU: the same attention on the K' retrieved.
+        return self.attention(query, gather_seq(seq, idx), gather_seq(ctx, idx), sel_mask)  # (B, H*d)
