@@ -268,8 +268,22 @@ def _ts_range(path: Path, batch: pa.RecordBatch) -> tuple[int, int] | None:
     return mn.as_py(), mx.as_py()
 
 
-def iter_problems(root: str | os.PathLike, batch_rows: int = 65536) -> Iterator[str]:
-    """Yield one line per contract violation in the dataset at ``root`` (empty when valid)."""
+def _batch_rows(pf: pq.ParquetFile, target_bytes: int) -> int:
+    """Rows per validation batch so that one batch is about ``target_bytes`` uncompressed (long lists -> fewer rows)."""
+    meta = pf.metadata
+    if meta.num_rows == 0 or meta.num_row_groups == 0:
+        return 1024
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    per_row = max(size / meta.num_rows, 1.0)
+    return int(min(65536, max(64, target_bytes // per_row)))
+
+
+def iter_problems(root: str | os.PathLike, batch_bytes: int = 64 << 20) -> Iterator[str]:
+    """Yield one line per contract violation in the dataset at ``root`` (empty when valid).
+
+    Shards are read in batches of about ``batch_bytes`` (uncompressed), so memory stays bounded
+    whatever the sequence lengths.
+    """
     try:
         manifest = read_manifest(root)
     except ContractError as e:
@@ -299,7 +313,7 @@ def iter_problems(root: str | os.PathLike, batch_rows: int = 65536) -> Iterator[
                 continue
             rows += pf.metadata.num_rows
             seen: set[str] = set()
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=expected.names):
+            for batch in pf.iter_batches(batch_size=_batch_rows(pf, batch_bytes), columns=expected.names):
                 for p in _batch_problems(path, batch, manifest, ranges):
                     if p not in seen:  # report each problem once per file
                         seen.add(p)

@@ -90,26 +90,29 @@ class LAP(nn.Module):
         h, d = self.heads, self.att_dim
 
         # Level 1 — Complete-Scope Attention over the whole sequence.
-        r = (seq * self.csa_query(query).unsqueeze(1)).sum(-1)  # Eq. (7)  (B, L)
-        ir_csa = (masked_softmax(r, mask).unsqueeze(-1) * seq).sum(1)  # Eq. (8)  (B, Ds)
+        r = torch.bmm(seq, self.csa_query(query).unsqueeze(-1)).squeeze(-1)  # Eq. (7)  (B, L)
+        ir_csa = torch.bmm(masked_softmax(r, mask).unsqueeze(1), seq).squeeze(1)  # Eq. (8)  (B, Ds)
         idx1, mask1 = topk_valid(r, mask, self.k1)  # (B, K1), (B, K1)
         kv1 = torch.cat([gather_seq(seq, idx1), gather_seq(ctx, idx1)], dim=-1)  # [e^h ‖ e^c]  (B, K1, Ds+Dc)
 
         # Level 2 — Median-Scope Attention on the K1 selected, with context.
-        q = self.msa_q(query)  # (B, d)
-        r_msa = (self.msa_k(kv1) * q.unsqueeze(1)).sum(-1) / math.sqrt(d)  # Eq. (9)  (B, K1)
+        # (W^Q e^v)·(W^K x) = (W^K^T W^Q e^v)·x and Σ w W^V x = W^V Σ w x: the projections are
+        # applied to the query and to the pooled vector, not to each of the K1 items (same values).
+        q = self.msa_q(query) @ self.msa_k.weight  # W^K^T W^Q e^v  (B, Ds+Dc)
+        r_msa = torch.bmm(kv1, q.unsqueeze(-1)).squeeze(-1) / math.sqrt(d)  # Eq. (9)  (B, K1)
         w_msa = masked_softmax(r_msa, mask1)  # (B, K1)
-        ir_msa = (w_msa.unsqueeze(-1) * self.msa_v(kv1)).sum(1)  # Eq. (10)  (B, d)
+        ir_msa = self.msa_v(torch.bmm(w_msa.unsqueeze(1), kv1).squeeze(1))  # Eq. (10)  (B, d)
         idx2, mask2 = topk_valid(r_msa, mask1, self.k2)  # positions among the K1: (B, K2), (B, K2)
         kv2 = gather_seq(kv1, idx2)  # (B, K2, Ds+Dc)
         k2 = kv2.shape[1]
 
         # Level 3 — Focused-Scope Attention: multi-head, per-item weighted values, FFN, mean.
-        q_h = self.fsa_q(query).view(b, h, 1, d)  # (B, H, 1, d)
-        k_h = self.fsa_k(kv2).view(b, k2, h, d).transpose(1, 2)  # (B, H, K2, d)
-        v_h = self.fsa_v(kv2).view(b, k2, h, d).transpose(1, 2)  # (B, H, K2, d)
-        w_fsa = masked_softmax((q_h * k_h).sum(-1) / math.sqrt(d), mask2.unsqueeze(1))  # Eq. (11)  (B, H, K2)
-        heads = (w_fsa.unsqueeze(-1) * v_h).transpose(1, 2).reshape(b, k2, h * d)  # Eq. (11) concat_h  (B, K2, H*d)
+        q_h = self.fsa_q(query).view(b, h, d)  # (B, H, d)
+        q_k = torch.einsum("bhd,hdx->bhx", q_h, self.fsa_k.weight.view(h, d, -1))  # W^K_h^T Q_h  (B, H, Ds+Dc)
+        s_fsa = torch.bmm(q_k, kv2.transpose(1, 2)) / math.sqrt(d)  # Q_h K_hk^T / √d  (B, H, K2)
+        w_fsa = masked_softmax(s_fsa, mask2.unsqueeze(1))  # Eq. (11)  (B, H, K2)
+        v_h = self.fsa_v(kv2).view(b, k2, h, d)  # V_hk  (B, K2, H, d)
+        heads = (w_fsa.transpose(1, 2).unsqueeze(-1) * v_h).reshape(b, k2, h * d)  # Eq. (11) concat_h  (B, K2, H*d)
         items = self.ffn(heads)  # Eq. (12)  (B, K2, H*d)
         ir_fsa = masked_mean(items, mask2)  # Eq. (13)  (B, H*d)
 

@@ -65,7 +65,8 @@ def topk_valid(scores: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def gather_seq(x: Tensor, idx: Tensor) -> Tensor:
     """Gather rows of ``x (B, L, D)`` at ``idx (B, K)`` -> ``(B, K, D)``."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (B, 1)
+    return x[rows, idx]  # (B, K, D); advanced indexing is faster than gather with an expanded index
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -107,19 +108,22 @@ class MultiHeadTargetAttention(nn.Module):
 
     def scores(self, query: Tensor, seq: Tensor) -> Tensor:
         """Raw scores ``Q_h K_h^T / sqrt(d)``: (B, H, L)."""
-        b, n, _ = seq.shape
-        q = self.w_q(query).view(b, self.heads, 1, self.att_dim)  # (B, H, 1, d)
-        k = self.w_k(seq).view(b, n, self.heads, self.att_dim).transpose(1, 2)  # (B, H, L, d)
-        return (q * k).sum(-1) / math.sqrt(self.att_dim)  # (B, H, L)
+        b = seq.shape[0]
+        q = self.w_q(query).view(b, self.heads, self.att_dim)  # (B, H, d)
+        # Q_h·(W^K_h x) = (W^K_h^T Q_h)·x: project the query once, not every behaviour (same values).
+        qk = torch.einsum("bhd,hdx->bhx", q, self.w_k.weight.view(self.heads, self.att_dim, -1))  # (B, H, Dk)
+        return torch.bmm(qk, seq.transpose(1, 2)) / math.sqrt(self.att_dim)  # (B, H, L)
 
     def forward(self, query: Tensor, seq: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
-        b, n, _ = seq.shape
+        b = seq.shape[0]
         s = self.scores(query, seq)
         if bias is not None:
             s = s + bias
         w = masked_softmax(s, mask.unsqueeze(1))  # (B, H, L)
-        v = self.w_v(seq).view(b, n, self.heads, self.att_dim).transpose(1, 2)  # (B, H, L, d)
-        return (w.unsqueeze(-1) * v).sum(2).reshape(b, self.out_dim)  # (B, H*d)
+        pooled = torch.bmm(w, seq)  # Σ_l w_hl x_l  (B, H, Dk)
+        # Σ_l w_hl W^V_h x_l = W^V_h Σ_l w_hl x_l
+        out = torch.einsum("bhx,hdx->bhd", pooled, self.w_v.weight.view(self.heads, self.att_dim, -1))  # (B, H, d)
+        return out.reshape(b, self.out_dim)  # (B, H*d)
 
 
 class DotTargetAttention(nn.Module):
@@ -134,9 +138,9 @@ class DotTargetAttention(nn.Module):
         self.out_dim = key_dim
 
     def forward(self, query: Tensor, seq: Tensor, mask: Tensor) -> Tensor:
-        s = (self.proj(query).unsqueeze(1) * seq).sum(-1) / math.sqrt(seq.shape[-1])  # (B, S)
+        s = torch.bmm(seq, self.proj(query).unsqueeze(-1)).squeeze(-1) / math.sqrt(seq.shape[-1])  # (B, S)
         w = masked_softmax(s, mask)
-        return (w.unsqueeze(-1) * seq).sum(1)  # (B, Dk)
+        return torch.bmm(w.unsqueeze(1), seq).squeeze(1)  # (B, Dk)
 
 
 class FeatureLayer(nn.Module):

@@ -49,18 +49,20 @@ class TwinAttention(nn.Module):
 
     def scores(self, query: Tensor, seq: Tensor, ctx: Tensor) -> Tensor:
         """``α_jh = Q_h K_hj / √d + β_jh``: (B, H, L)."""
-        b, n, _ = seq.shape
-        q = self.w_q(query).view(b, self.heads, 1, self.att_dim)  # (B, H, 1, d)
-        k = self.w_k(seq).view(b, n, self.heads, self.att_dim).transpose(1, 2)  # (B, H, L, d)
+        b = seq.shape[0]
+        q = self.w_q(query).view(b, self.heads, self.att_dim)  # (B, H, d)
+        # Q_h·(W^K_h e_j) = (W^K_h^T Q_h)·e_j: project the query, not every behaviour (same values).
+        qk = torch.einsum("bhd,hdx->bhx", q, self.w_k.weight.view(self.heads, self.att_dim, -1))  # (B, H, Ds)
         bias = self.w_c(ctx).transpose(1, 2)  # β  (B, H, L)
-        return (q * k).sum(-1) / math.sqrt(self.att_dim) + bias  # (B, H, L)
+        return torch.bmm(qk, seq.transpose(1, 2)) / math.sqrt(self.att_dim) + bias  # (B, H, L)
 
     def forward(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
-        b, n, _ = seq.shape
+        b = seq.shape[0]
         w = masked_softmax(self.scores(query, seq, ctx), mask.unsqueeze(1))  # (B, H, L)
-        v = self.w_v(torch.cat([seq, ctx], dim=-1))  # W^V [e_j ‖ e^c_j]  (B, L, H*d)
-        v = v.view(b, n, self.heads, self.att_dim).transpose(1, 2)  # (B, H, L, d)
-        return (w.unsqueeze(-1) * v).sum(2).reshape(b, self.out_dim)  # (B, H*d)
+        pooled = torch.bmm(w, torch.cat([seq, ctx], dim=-1))  # Σ_j w_hj [e_j ‖ e^c_j]  (B, H, Ds+Dc)
+        # Σ_j w_hj W^V_h x_j = W^V_h Σ_j w_hj x_j
+        out = torch.einsum("bhx,hdx->bhd", pooled, self.w_v.weight.view(self.heads, self.att_dim, -1))  # (B, H, d)
+        return out.reshape(b, self.out_dim)  # (B, H*d)
 
 
 class TWIN(nn.Module):
