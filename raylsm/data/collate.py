@@ -103,7 +103,7 @@ def collate_table(table: pa.Table, spec: CollateSpec) -> dict[str, np.ndarray]:
     b = table.num_rows
 
     def scalar(name: str) -> np.ndarray:
-        return table.column(name).to_numpy().astype(np.int64, copy=False)
+        return np.array(table.column(name).to_numpy(), dtype=np.int64)  # a writable copy (B,)
 
     batch: dict[str, np.ndarray] = {
         "user_id": scalar("user_id"),

@@ -1,0 +1,110 @@
+"""The assembled CTR model: every preset and backbone substitution, masks, CRP composition, device-agnostic forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from raylsm.config import ConfigError
+from raylsm.models import build_model, preset_config
+from raylsm.models.config import PRESETS
+from tests.conftest import SMALL_VOCAB, make_batch
+
+SMALL = {"features": {"emb_dim": 8}, "head": [16, 8], "lap": {"k1": 12, "k2": 6, "att_dim": 8, "heads": 2, "ffn_dim": 16},
+         "sim_soft": {"k": 12, "att_dim": 8}, "eta": {"k": 12, "att_dim": 8, "n_bits": 16}, "twin": {"k": 12, "att_dim": 8},
+         "sdim": {"n_hashes": 4, "n_bits": 2}, "din": {"max_len": 20, "hidden": [8]}, "crp": {"m": 32},
+         "msia": {"att_dim": 8}, "peg": {"hidden": 8}, "context": {"out_dim": 16}}
+
+
+def small(name: str, **extra) -> torch.nn.Module:
+    from raylsm.config import merge
+
+    torch.manual_seed(0)
+    return build_model(preset_config(name, merge(SMALL, extra)), SMALL_VOCAB)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_returns_logits_and_handles_padding(name):
+    model = small(name)
+    batch = make_batch(b=6, s=5, l=30, ll_lengths=[30, 3, 0, 12, 1, 29], st_lengths=[5, 0, 2, 1, 5, 0])
+    logits, aux = model(batch)
+    assert logits.shape == (6,) and torch.isfinite(logits).all()
+    assert set(aux) == ({"crp"} if name == "lcn" else set())
+    # Garbage ids at padded positions (rows keep their masks) change nothing.
+    noisy = dict(batch)
+    for key in ("ll_items", "ll_cates", "ll_ctx", "ll_gap"):
+        fill = torch.randint(1, 5, batch[key].shape)
+        noisy[key] = torch.where(batch["ll_mask"], batch[key], fill)
+    model.eval()
+    torch.testing.assert_close(model(noisy)[0], model(batch)[0])
+
+
+@pytest.mark.parametrize("backbone", ["sim_soft", "eta", "sdim", "twin", "din", "lap"])
+@pytest.mark.parametrize("enhancement", [{"crp": {"enabled": True}}, {"context": {"kind": "tcn"}},
+                                         {"context": {"kind": "tcn"}, "msia": {"enabled": True}, "peg": {"enabled": True}},
+                                         {"context": {"kind": "gru"}}, {"context": {"kind": "self_attention"}}])
+def test_backbone_substitution_trains_one_step(backbone, enhancement):
+    model = small(backbone, **enhancement)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = make_batch(b=8, s=5, l=30, seed=3)
+    logits, aux = model(batch)
+    loss = F.binary_cross_entropy_with_logits(logits, batch["label"]) + sum(model.aux_weights[k] * v for k, v in aux.items())
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "tables" not in n), [
+        n for n, p in model.named_parameters() if p.grad is None]
+    opt.step()
+    assert torch.isfinite(model(batch)[0]).all()
+
+
+def test_crp_weight_zero_is_exactly_the_backbone():
+    lap, lcn = small("lap"), small("lcn", crp={"weight": 0.0})
+    for (n1, p1), (n2, p2) in zip(lap.state_dict().items(), lcn.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (lap, lcn)]
+    batch = make_batch(b=8, s=5, l=30, seed=1)
+    for model, opt in zip((lap, lcn), opts):
+        logits, aux = model(batch)
+        loss = F.binary_cross_entropy_with_logits(logits, batch["label"]) + sum(model.aux_weights[k] * v for k, v in aux.items())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p1, p2 in zip(lap.parameters(), lcn.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+    # With a positive weight the item embeddings move differently.
+    assert small("lcn").aux_weights == {"crp": 0.1}
+
+
+def test_unknown_and_inconsistent_config_keys_raise():
+    with pytest.raises(ConfigError, match="model.lap.k3"):
+        preset_config("lcn", {"lap": {"k3": 1}})
+    with pytest.raises(ConfigError, match="unknown model"):
+        preset_config("nope")
+    with pytest.raises(ConfigError, match="model.msia"):
+        preset_config("lap", {"msia": {"enabled": True}})
+
+
+class _CpuTensorSpy(TorchDispatchMode):
+    """Records any op that produces a tensor off the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.bad.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_forward_creates_no_tensor_off_the_input_device(name):
+    model = small(name).to("meta")
+    batch = {k: v.to("meta") for k, v in make_batch(b=4, s=5, l=30).items()}
+    with _CpuTensorSpy() as spy:
+        logits, aux = model(batch)
+    assert logits.device.type == "meta" and logits.shape == (4,)
+    assert not spy.bad, spy.bad
