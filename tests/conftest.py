@@ -69,3 +69,17 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# A small world (8 interests, one category each, few items) that tiny models learn in seconds;
+# the default world of the generator needs far more rows.
+SMALL_WORLD = {"interests": 8, "cates_per_interest": 1, "tgt_items": 200, "src_items": 800}
+
+
+def small_world_dataset(out, rows: int, seed: int = 1, ll_len: int = 40, st_len: int = 10, users: int = 200, **extra):
+    """Write a small-world synthetic dataset (contract v1) and return its directory."""
+    from raylsm.data.synth import SynthConfig, generate_config
+
+    cfg = SynthConfig(users=users, rows=rows, ll_len=ll_len, st_len=st_len, shards=2, seed=seed, **{**SMALL_WORLD, **extra})
+    generate_config(out, cfg, progress=False)
+    return out

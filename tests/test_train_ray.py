@@ -17,17 +17,14 @@ from raylsm.data.contract import read_manifest
 from raylsm.train.config import resolve_job
 from raylsm.train.loop import load_checkpoint, model_from_checkpoint, predict
 from raylsm.train.run import run_training
+from tests.conftest import small_world_dataset
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    from raylsm.data.synth import generate
-
-    out = tmp_path_factory.mktemp("data") / "synth"
-    generate(out, users=200, rows=4000, ll_len=40, st_len=10, shards=2, seed=1, progress=False)
-    return out
+    return small_world_dataset(tmp_path_factory.mktemp("data") / "synth", rows=4000)
 
 
 def _job(data: Path, tmp: Path, *extra: str, preset: str = "lcn"):
