@@ -22,6 +22,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 2048) -> d
             raise ValueError(
                 f"{data}/manifest.json: vocab.{key} = {manifest.vocab[key]} exceeds the checkpoint's {vocab[key]}"
             )
+    if list(manifest.profile_fields) != list(vocab["profile"]):
+        raise ValueError(
+            f"{data}/manifest.json: profile fields {manifest.profile_fields} differ from the checkpoint's {list(vocab['profile'])}"
+        )
     job = meta["job"]
     spec = CollateSpec(job["data"]["st_len"], job["data"]["ll_len"], tuple(manifest.profile_fields))
     device = torch.device("cpu")

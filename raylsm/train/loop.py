@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from raylsm.config import from_dict
 from raylsm.data.collate import CollateSpec, iter_local_batches
@@ -198,14 +200,16 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
     for epoch in range(start_epoch, job.train.epochs):
-        stats = train_epoch(
-            model,
-            optimizer,
-            _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch),
-            device,
-            max_steps=job.train.max_steps_per_epoch,
-            bf16=job.train.bf16,
-        )
+        with tqdm(desc=f"epoch {epoch}", unit=" rows", disable=rank != 0, file=sys.stderr, mininterval=10) as bar:
+            stats = train_epoch(
+                model,
+                optimizer,
+                _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch),
+                device,
+                max_steps=job.train.max_steps_per_epoch,
+                bf16=job.train.bf16,
+                on_step=bar.update,
+            )
         preds = gather_arrays(predict(model, _torch_batches(test_shard, job.train.eval_batch_size, device), device))
         metrics = evaluate_arrays(preds["labels"], preds["logits"], preds["users"])
         rows, seconds = _global_throughput(stats.rows, stats.seconds)
@@ -280,7 +284,5 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
                        samples_per_s=stats.rows / max(stats.seconds, 1e-9), train_rows=stats.rows)
         history.append(metrics)
         if progress:
-            import sys
-
             print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}), file=sys.stderr)
     return model, history
