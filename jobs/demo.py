@@ -19,12 +19,17 @@ from raylsm.train.config import default_tracking_uri, resolve_job
 from raylsm.train.run import run_training
 
 
+DEMO_WORLD = {"interests": 8, "cates_per_interest": 1, "tgt_items": 500, "src_items": 2000}
+# Laptop-sized model settings (the presets' paper defaults are sized for GPUs).
+DEMO_MODEL = ["model.features.emb_dim=16", "model.lap.k1=50", "model.lap.k2=20", "train.batch_size=256"]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/synth-demo")
-    p.add_argument("--rows", type=int, default=40_000)
+    p.add_argument("--rows", type=int, default=30_000)
     p.add_argument("--users", type=int, default=1_000)
-    p.add_argument("--ll-len", type=int, default=200)
+    p.add_argument("--ll-len", type=int, default=100)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--models", default="lcn,cain")
     p.add_argument("--experiment", default="raylsm-demo")
@@ -35,17 +40,20 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not (Path(args.data) / "manifest.json").is_file():
-        from raylsm.data.synth import generate
+        from raylsm.data.synth import SynthConfig, generate_config
 
-        generate(args.data, users=args.users, rows=args.rows, ll_len=args.ll_len, shards=4, seed=0)
+        # A compact world (8 interests, one category each, few items) so that a brief run on a laptop
+        # shows the models learning; `raylsm data synth` defaults to a larger world that needs more rows.
+        generate_config(args.data, SynthConfig(users=args.users, rows=args.rows, ll_len=args.ll_len, st_len=20,
+                                               shards=4, seed=0, **DEMO_WORLD))
     validate_dataset(args.data)
     ll_len = read_manifest(args.data).max_len["ll"]
     results = {}
     for name in args.models.split(","):
         job = resolve_job(
             preset=name,
-            overrides=[f"data.path={args.data}", f"data.ll_len={ll_len}", f"train.epochs={args.epochs}",
-                       f"mlflow.experiment={args.experiment}", *args.overrides],
+            overrides=[f"data.path={args.data}", f"data.ll_len={ll_len}", "data.st_len=20", f"train.epochs={args.epochs}",
+                       f"mlflow.experiment={args.experiment}", *DEMO_MODEL, *args.overrides],
         )
         results[name] = run_training(job)
     header = f"{'model':8s} {'auc':>8s} {'gauc':>8s} {'logloss':>8s} {'rows/s':>8s}  mlflow run"
