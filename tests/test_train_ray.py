@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -51,7 +52,7 @@ def _reference_metrics(checkpoint: str, data: Path) -> tuple[float, float, np.nd
     return roc_auc_score(p["labels"], p["logits"]), log_loss(p["labels"], probs), p["labels"], p["logits"]
 
 
-def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_path):
+def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_path, capsys):
     results = {}
     for workers in (1, 2):
         job = _job(tiny_data, tmp_path, f"train.workers={workers}", f"name=w{workers}")
@@ -64,6 +65,14 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
         assert r["logloss"] == pytest.approx(ref_logloss, abs=1e-5)
         assert len(labels) == read_manifest(tiny_data).splits["test"]["rows"]
     assert abs(results[1]["auc"] - results[2]["auc"]) < 0.06
+
+    # `raylsm eval` on the best checkpoint reproduces the run's figures.
+    from raylsm.cli import main
+
+    assert main(["eval", "--checkpoint", results[2]["checkpoint"], "--data", str(tiny_data)]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("auc", "gauc", "logloss"):
+        assert evaluated[key] == pytest.approx(results[2][key], abs=1e-5)
 
     # MLflow: params, per-epoch metrics, tags, and a model that reloads and scores a batch.
     import mlflow
