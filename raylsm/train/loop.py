@@ -212,7 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
             )
         preds = gather_arrays(predict(model, _torch_batches(test_shard, job.train.eval_batch_size, device), device))
         metrics = evaluate_arrays(preds["labels"], preds["logits"], preds["users"])
-        rows, seconds = _global_throughput(stats.rows, stats.seconds)
+        rows, seconds = _global_throughput(stats.rows, stats.seconds, device)
         metrics.update(
             epoch=epoch,
             train_loss=stats.train_loss,
@@ -230,14 +230,14 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
 
 
-def _global_throughput(rows: int, seconds: float) -> tuple[int, float]:
-    """Rows summed over workers, time = the slowest worker."""
+def _global_throughput(rows: int, seconds: float, device: torch.device) -> tuple[int, float]:
+    """Rows summed over workers, time = the slowest worker (tensors on ``device``: NCCL needs CUDA tensors)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return rows, seconds
-    t = torch.tensor([float(rows), seconds], dtype=torch.float64)
-    rows_t, secs_t = t[:1].clone(), t[1:].clone()
+    rows_t = torch.tensor([float(rows)], dtype=torch.float64, device=device)
+    secs_t = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(rows_t, op=dist.ReduceOp.SUM)
     dist.all_reduce(secs_t, op=dist.ReduceOp.MAX)
     return int(rows_t.item()), float(secs_t.item())
