@@ -142,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raylsm", description="Train and tune lifelong-sequence CTR models on Ray.")
+    parser = argparse.ArgumentParser(prog="raylsm", description="Train lifelong-sequence CTR models (LCN, CAIN and baselines) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="write, convert and check datasets").add_subparsers(dest="data_command", required=True)

@@ -71,3 +71,12 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     assert err and all(line.startswith("raylsm: error:") for line in err) and "does not exist" in err[0]
     assert main(["data", "synth", "--out", str(tmp_path / "x"), "--rows", "0", "--quiet"]) == 2
     assert "--rows" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(["data", "synth", "--out", str(out), "--rows", "200", "--users", "20", "--ll-len", "10", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "lap", "--data", str(out), "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tracking-uri" in err[0] and "unreachable" in err[0]
