@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from raylsm.config import from_dict, merge, to_dict
+from raylsm.config import from_dict, merge
 from raylsm.models.config import PRESETS, ModelConfig
 from raylsm.models.layers import Vocab
 
@@ -63,4 +63,4 @@ def build_model(cfg: ModelConfig, vocab: Vocab) -> nn.Module:
     return CTRModel(cfg, vocab)
 
 
-__all__ = ["PRESETS", "ModelConfig", "Vocab", "build_model", "preset_config", "lifelong_registry", "to_dict"]
+__all__ = ["PRESETS", "ModelConfig", "Vocab", "build_model", "preset_config", "lifelong_registry"]

@@ -106,15 +106,15 @@ def predict(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torc
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out, _ = model(batch)
-        logits.append(out.float().cpu())
-        labels.append(batch["label"].cpu())
-        users.append(batch["user_id"].cpu())
+        logits.append(out.float())
+        labels.append(batch["label"])
+        users.append(batch["user_id"])
     if not logits:
         return {"logits": np.zeros(0, np.float32), "labels": np.zeros(0, np.float32), "users": np.zeros(0, np.int64)}
-    return {
-        "logits": torch.cat(logits).numpy(),
-        "labels": torch.cat(labels).numpy(),
-        "users": torch.cat(users).numpy(),
+    return {  # one device-to-host copy per array, after the loop
+        "logits": torch.cat(logits).cpu().numpy(),
+        "labels": torch.cat(labels).cpu().numpy(),
+        "users": torch.cat(users).cpu().numpy(),
     }
 
 
