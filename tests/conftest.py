@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from raylsm.models.layers import Vocab
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SMALL_VOCAB = Vocab(item=101, cate=21, ctx=6, gap=10, user=31, profile={"age": 5, "gender": 3})
 
@@ -83,3 +85,18 @@ def small_world_dataset(out, rows: int, seed: int = 1, ll_len: int = 40, st_len:
     cfg = SynthConfig(users=users, rows=rows, ll_len=ll_len, st_len=st_len, shards=2, seed=seed, **{**SMALL_WORLD, **extra})
     generate_config(out, cfg, progress=False)
     return out
+
+
+class OffMetaSpy(TorchDispatchMode):
+    """Records every aten op whose output is a tensor off the meta device (e.g. a CPU ``arange``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.offenders: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.offenders.append(str(func))
+        return out

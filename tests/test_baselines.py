@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch import nn
 
 from raylsm.config import ConfigError, from_dict
 from raylsm.models import build_model, lifelong_registry, preset_config
@@ -22,6 +20,7 @@ from raylsm.models.layers import FeatureLayer
 from raylsm.models.sdim import SDIM
 from raylsm.models.sim import ETA, SIMSoft
 from raylsm.models.twin import TWIN
+from tests.conftest import OffMetaSpy
 
 NAMES = ("din", "sim_soft", "eta", "sdim", "twin")
 DS, DC = 16, 8  # behaviour / context sizes of the direct-tensor tests
@@ -367,27 +366,12 @@ def test_topk_indices_are_integers_without_grad(name):
 # ---------------------------------------------------------------- device-agnostic forward
 
 
-class _OnlyMeta(TorchDispatchMode):
-    """Records every aten op whose output is a tensor off the meta device (e.g. a CPU ``arange``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.offenders: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, Tensor) and t.device.type != "meta":
-                self.offenders.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("query_dim", [DS, 12])
 def test_forward_on_meta_creates_no_cpu_tensor(name, query_dim):
     m = build(name, query_dim, k=3).to("meta")
     query, seq, ctx, mask = (t.to("meta") for t in random_inputs(query_dim=query_dim))
-    with _OnlyMeta() as mode:
+    with OffMetaSpy() as mode:
         out = m(query, seq, ctx, mask)
     assert out.device.type == "meta" and out.shape == (4, m.out_dim)
     assert mode.offenders == []

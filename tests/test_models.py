@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from raylsm.config import ConfigError
 from raylsm.models import build_model, preset_config
 from raylsm.models.config import PRESETS
-from tests.conftest import SMALL_VOCAB, make_batch
+from tests.conftest import SMALL_VOCAB, OffMetaSpy, make_batch
 
 SMALL = {"features": {"emb_dim": 8}, "head": [16, 8], "lap": {"k1": 12, "k2": 6, "att_dim": 8, "heads": 2, "ffn_dim": 16},
          "sim_soft": {"k": 12, "att_dim": 8}, "eta": {"k": 12, "att_dim": 8, "n_bits": 16}, "twin": {"k": 12, "att_dim": 8},
@@ -85,26 +84,11 @@ def test_unknown_and_inconsistent_config_keys_raise():
         preset_config("lap", {"msia": {"enabled": True}})
 
 
-class _CpuTensorSpy(TorchDispatchMode):
-    """Records any op that produces a tensor off the meta device."""
-
-    def __init__(self):
-        super().__init__()
-        self.bad: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self.bad.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_forward_creates_no_tensor_off_the_input_device(name):
     model = small(name).to("meta")
     batch = {k: v.to("meta") for k, v in make_batch(b=4, s=5, l=30).items()}
-    with _CpuTensorSpy() as spy:
+    with OffMetaSpy() as spy:
         logits, aux = model(batch)
     assert logits.device.type == "meta" and logits.shape == (4,)
-    assert not spy.bad, spy.bad
+    assert not spy.offenders, spy.offenders
