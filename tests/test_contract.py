@@ -135,3 +135,52 @@ def test_missing_directory_and_manifest(tmp_path):
     assert "does not exist" in list(iter_problems(tmp_path / "nope"))[0]
     (tmp_path / "empty").mkdir()
     assert "manifest.json: missing" in list(iter_problems(tmp_path / "empty"))[0]
+
+
+def test_truncated_shard_is_one_line_without_a_row_count(dataset):
+    shard = dataset / "train" / "part-1.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    problems = list(iter_problems(dataset))
+    assert len(problems) == 1, problems
+    assert str(shard) in problems[0] and "not a readable Parquet file" in problems[0]
+
+
+def test_corrupt_data_pages_named_without_a_row_count(dataset):
+    # Footer intact, column data overwritten: the file opens, reading its rows fails.
+    shard = dataset / "train" / "part-1.parquet"
+    data = bytearray(shard.read_bytes())
+    for i in range(8, len(data) // 2):
+        data[i] = 0xFF
+    shard.write_bytes(bytes(data))
+    problems = list(iter_problems(dataset))
+    assert problems and all("shards hold" not in p for p in problems), problems
+    assert any(str(shard) in p for p in problems), problems
+
+
+def test_null_label_reported_once(dataset):
+    shard = dataset / "test" / "part-00000.parquet"
+    _rewrite(shard, lambda t: t.set_column(t.schema.get_field_index("label"), "label",
+                                           pa.array([None, 1] + [0] * (t.num_rows - 2), pa.int8())))
+    problems = list(iter_problems(dataset))
+    assert problems == [f"{shard}: column 'label': 1 null values"]
+
+
+def test_null_id_reported_once(dataset):
+    shard = dataset / "test" / "part-00000.parquet"
+    _rewrite(shard, lambda t: t.set_column(t.schema.get_field_index("item_id"), "item_id",
+                                           pa.array([None] * 2 + [1] * (t.num_rows - 2), pa.int64())))
+    problems = list(iter_problems(dataset))
+    assert problems == [f"{shard}: column 'item_id': 2 null values"]
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    from raylsm.config import ConfigError, load_yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text("model:\n  preset: lcn\ntrain:\n  epochs: [1, 2\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml(path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}:5:") and "not valid YAML" in message, message

@@ -240,15 +240,16 @@ def _batch_problems(path: Path, batch: pa.RecordBatch, manifest: Manifest, range
         col = batch.column(name)
         if col.null_count:
             out.append(f"{path}: column '{name}': {col.null_count} null values")
-    label = batch.column("label")
-    bad = pc.sum(pc.invert(pc.is_in(label, pa.array([0, 1], pa.int8())))).as_py()
+    label = pc.drop_null(batch.column("label"))  # nulls are reported once, above
+    outside = pc.invert(pc.is_in(label, pa.array([0, 1], pa.int8())))
+    bad = pc.sum(outside).as_py()
     if bad:
-        example = pc.filter(label, pc.invert(pc.is_in(label, pa.array([0, 1], pa.int8()))))[0].as_py()
+        example = pc.filter(label, outside)[0].as_py()
         out.append(f"{path}: column 'label': {bad} values not in {{0,1}} (e.g. {example})")
     for name, (lo, hi) in ranges.items():
         col = batch.column(name)
         values = pc.list_flatten(col) if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) else col
-        problem = _range_problem(values, lo, hi)
+        problem = None if col.null_count else _range_problem(values, lo, hi)  # nulls reported above
         if problem:
             out.append(f"{path}: column '{name}': {problem}")
     for group, cols in SEQUENCE_GROUPS.items():
@@ -299,11 +300,13 @@ def iter_problems(root: str | os.PathLike, batch_bytes: int = 64 << 20) -> Itera
             yield f"{Path(root) / split}: no Parquet shards found for split '{split}'"
             continue
         rows = 0
+        counted = True  # False once a shard could not be read: its rows are unknown, so no row-count line
         for path in files:
             try:
                 pf = pq.ParquetFile(path)
             except Exception as e:  # unreadable file: report, keep checking the others
                 yield f"{path}: not a readable Parquet file ({type(e).__name__}: {e})"
+                counted = False
                 continue
             schema = pf.schema_arrow
             problems = _schema_problems(path, schema, expected)
@@ -312,17 +315,21 @@ def iter_problems(root: str | os.PathLike, batch_bytes: int = 64 << 20) -> Itera
                 continue
             rows += pf.metadata.num_rows
             seen: set[str] = set()
-            for batch in pf.iter_batches(batch_size=_batch_rows(pf, batch_bytes), columns=expected.names):
-                for p in _batch_problems(path, batch, manifest, ranges):
-                    if p not in seen:  # report each problem once per file
-                        seen.add(p)
-                        yield p
-                bounds = _ts_range(path, batch)
-                if bounds:
-                    lo, hi = ts_bounds.get(split, bounds)
-                    ts_bounds[split] = (min(lo, bounds[0]), max(hi, bounds[1]))
+            try:
+                for batch in pf.iter_batches(batch_size=_batch_rows(pf, batch_bytes), columns=expected.names):
+                    for p in _batch_problems(path, batch, manifest, ranges):
+                        if p not in seen:  # report each problem once per file
+                            seen.add(p)
+                            yield p
+                    bounds = _ts_range(path, batch)
+                    if bounds:
+                        lo, hi = ts_bounds.get(split, bounds)
+                        ts_bounds[split] = (min(lo, bounds[0]), max(hi, bounds[1]))
+            except (OSError, pa.ArrowException) as e:  # footer readable, data pages not (truncated or corrupt)
+                yield f"{path}: not a readable Parquet file ({type(e).__name__}: {e})"
+                counted = False
         declared = manifest.splits.get(split, {}).get("rows")
-        if declared is not None and declared != rows:
+        if counted and declared is not None and declared != rows:
             yield f"{Path(root) / 'manifest.json'}: key 'splits.{split}.rows' is {declared} but the shards hold {rows} rows"
     if "train" in ts_bounds and "test" in ts_bounds and ts_bounds["train"][1] > ts_bounds["test"][0]:
         yield (
