@@ -19,14 +19,35 @@ from raylsm.data.contract import shard_files
 DATA_TASK_CPUS = 0.25
 
 
+def ts_filter(ts_range: tuple[int | None, int | None] | None):
+    """A pyarrow dataset expression for ``lo <= ts < hi`` (None when there is no bound)."""
+    import pyarrow.dataset as pads
+
+    if ts_range is None:
+        return None
+    lo, hi = ts_range
+    expr = None
+    if lo is not None:
+        expr = pads.field("ts") >= lo
+    if hi is not None:
+        upper = pads.field("ts") < hi
+        expr = upper if expr is None else expr & upper
+    return expr
+
+
 def read_split(
     root: str | os.PathLike,
     split: str,
     spec: CollateSpec,
     batch_rows: int = 4096,
     shuffle_seed: int | None = None,
+    ts_range: tuple[int | None, int | None] | None = None,
 ):
-    """Lazy Ray dataset of collated batches for one split (any partition depth under ``root/split``)."""
+    """Lazy Ray dataset of collated batches for one split (any partition depth under ``root/split``).
+
+    ``ts_range=(lo, hi)`` keeps the rows with ``lo <= ts < hi`` (either end may be None), pushed down
+    into the Parquet read: how the validation split is carved from the end of train by time.
+    """
     import ray.data
 
     files = [str(p) for p in shard_files(root, split)]
@@ -37,6 +58,7 @@ def read_split(
         partitioning=None,  # hive folders (day=3/) would add a string column
         shuffle="files" if shuffle_seed is not None else None,
         num_cpus=DATA_TASK_CPUS,
+        filter=ts_filter(ts_range),
     ).select_columns(spec.columns)
     return ds.map_batches(
         functools.partial(collate_table, spec=spec),

@@ -92,7 +92,7 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], s
     batch = [
         Metric(k, float(v), now, step)
         for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # skip NaN
+        if isinstance(v, (int, float)) and not isinstance(v, bool)  # NaN is logged as NaN, never dropped
     ]
     _client(tracking_uri).log_batch(run_id, metrics=batch)
 
