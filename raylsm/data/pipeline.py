@@ -58,7 +58,7 @@ def read_split(
         partitioning=None,  # hive folders (day=3/) would add a string column
         shuffle="files" if shuffle_seed is not None else None,
         num_cpus=DATA_TASK_CPUS,
-        filter=ts_filter(ts_range),
+        **({"filter": ts_filter(ts_range)} if ts_range is not None else {}),
     ).select_columns(spec.columns)
     return ds.map_batches(
         functools.partial(collate_table, spec=spec),
