@@ -20,17 +20,17 @@ DATA_TASK_CPUS = 0.25
 
 
 def ts_filter(ts_range: tuple[int | None, int | None] | None):
-    """A pyarrow dataset expression for ``lo <= ts < hi`` (None when there is no bound)."""
-    import pyarrow.dataset as pads
+    """A Ray Data predicate for ``lo <= ts < hi`` (None when there is no bound); Arrow-native, pushed down."""
+    from ray.data.expressions import col
 
     if ts_range is None:
         return None
     lo, hi = ts_range
     expr = None
     if lo is not None:
-        expr = pads.field("ts") >= lo
+        expr = col("ts") >= lo
     if hi is not None:
-        upper = pads.field("ts") < hi
+        upper = col("ts") < hi
         expr = upper if expr is None else expr & upper
     return expr
 
@@ -45,8 +45,8 @@ def read_split(
 ):
     """Lazy Ray dataset of collated batches for one split (any partition depth under ``root/split``).
 
-    ``ts_range=(lo, hi)`` keeps the rows with ``lo <= ts < hi`` (either end may be None), pushed down
-    into the Parquet read: how the validation split is carved from the end of train by time.
+    ``ts_range=(lo, hi)`` keeps the rows with ``lo <= ts < hi`` (either end may be None), an Arrow
+    predicate Ray Data pushes into the read: how the validation split is cut from the end of train.
     """
     import ray.data
 
@@ -58,8 +58,10 @@ def read_split(
         partitioning=None,  # hive folders (day=3/) would add a string column
         shuffle="files" if shuffle_seed is not None else None,
         num_cpus=DATA_TASK_CPUS,
-        **({"filter": ts_filter(ts_range)} if ts_range is not None else {}),
-    ).select_columns(spec.columns)
+    )
+    if ts_filter(ts_range) is not None:
+        ds = ds.filter(expr=ts_filter(ts_range))
+    ds = ds.select_columns(spec.columns)
     return ds.map_batches(
         functools.partial(collate_table, spec=spec),
         batch_format="pyarrow",
