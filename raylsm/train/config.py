@@ -28,10 +28,17 @@ class DataConfig:
     path: str = "data/synth"
     st_len: int = 50
     ll_len: int = 500
+    # Validation split (chooses the best checkpoint, drives early stopping and the tuner's metric).
+    # A dataset whose manifest lists a "val" split uses it; otherwise the latest ``val_fraction``
+    # of the train split by impression time is held out. 0 = no validation split: the last epoch's
+    # checkpoint is the one kept and reported (test metrics never choose anything).
+    val_fraction: float = 0.1
 
     def validate(self) -> None:
         if self.st_len < 1 or self.ll_len < 1:
             raise ConfigError(f"data.st_len/ll_len: must be >= 1, got {self.st_len}/{self.ll_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -43,10 +50,12 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (e.g. 0.5) lets trials share a GPU
     cpus_per_worker: float = 1.0
     bf16: bool = False  # bf16 autocast on GPU
     max_failures: int = 0
-    keep_checkpoints: int = 2  # best N by test AUC
+    keep_checkpoints: int = 2  # best N by validation AUC (the latest N without a validation split)
+    early_stop_patience: int = 0  # stop after N epochs without a better validation AUC; 0 = off
     shuffle_buffer: int = 4096  # local shuffle buffer (rows) per worker; 0 = off
     max_steps_per_epoch: int = 0  # 0 = the whole split
 
@@ -58,6 +67,12 @@ class TrainConfig:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"train.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if self.use_gpu and not 0.0 < self.gpus_per_worker <= 1.0 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ConfigError(f"train.gpus_per_worker: must be a fraction in (0, 1] or a whole number, got {self.gpus_per_worker}")
+        if self.gpus_per_worker <= 0:
+            raise ConfigError(f"train.gpus_per_worker: must be > 0, got {self.gpus_per_worker}")
+        if self.early_stop_patience < 0:
+            raise ConfigError(f"train.early_stop_patience: must be >= 0 (0 = off), got {self.early_stop_patience}")
         if self.max_failures < -1:
             raise ConfigError(f"train.max_failures: must be >= -1 (-1 = retry forever), got {self.max_failures}")
 

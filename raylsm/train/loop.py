@@ -152,6 +152,54 @@ def model_from_checkpoint(directory: str, map_location: str | torch.device = "cp
     return model, meta
 
 
+def restore_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load weights, optimizer state and the torch RNG state of a checkpoint; return the epoch to start at."""
+    state, _ = load_checkpoint(directory)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]) + 1
+
+
+def _meta_batch(b: int, st_len: int, ll_len: int, profile_fields: int) -> dict[str, Tensor]:
+    """A collated batch (see ``raylsm.data.collate``) of shape-only tensors on the meta device."""
+    def ids(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.int64, device="meta")
+
+    def mask(*shape: int) -> Tensor:
+        return torch.ones(shape, dtype=torch.bool, device="meta")
+
+    batch = {"user_id": ids(b), "item_id": ids(b), "item_cate": ids(b), "profile": ids(b, profile_fields),
+             "label": torch.zeros(b, device="meta")}
+    for name in ("st_tgt", "st_src"):
+        batch.update({f"{name}_items": ids(b, st_len), f"{name}_cates": ids(b, st_len), f"{name}_mask": mask(b, st_len)})
+    batch.update(ll_items=ids(b, ll_len), ll_cates=ids(b, ll_len), ll_ctx=ids(b, ll_len), ll_gap=ids(b, ll_len),
+                 ll_mask=mask(b, ll_len))
+    return batch
+
+
+def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
+    """Names of the parameters that the model of ``job`` never uses to compute its loss.
+
+    Found with one forward and backward of a copy of the model on the meta device (no memory, no
+    random numbers drawn): where that runs, the graph cannot depend on the data's values, so the set is
+    the same for every batch. DDP needs ``find_unused_parameters=True`` exactly when it is not empty
+    (it otherwise stops at the second step waiting for their gradients); the flag costs a graph walk
+    per step, so it is only paid then. A model whose forward does not run on meta counts as having
+    unused parameters (safe, slower).
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        probe = build_model(job.model, vocab)
+    probe.train()
+    try:
+        logits, aux = probe(_meta_batch(2, job.data.st_len, job.data.ll_len, len(vocab.profile)))
+        loss = logits.float().sum() + sum((v.float().sum() for v in aux.values()), torch.zeros((), device="meta"))
+        loss.backward()
+    except Exception:  # data-dependent control flow: cannot tell from shapes alone
+        return [name for name, _ in probe.named_parameters()]
+    return [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+
+
 # ----------------------------------------------------------------------------- Ray Train worker
 
 
@@ -184,12 +232,10 @@ def train_loop_per_worker(config: dict) -> None:
     elif job.resume_from:
         resume_dir = job.resume_from
     if resume_dir is not None:
-        state, _ = load_checkpoint(resume_dir)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"] + 1
-        torch.set_rng_state(state["torch_rng"])
-    model = ray.train.torch.prepare_model(model)
+        start_epoch = restore_checkpoint(resume_dir, model, optimizer)
+    # DDP needs to know when the forward leaves parameters without a gradient (din, sdim: the ctx/gap tables).
+    unused = unused_parameters(job, vocab) if ctx.get_world_size() > 1 else []
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True} if unused else None)
     # Adam's state tensors were loaded on CPU; move them next to the parameters.
     for st in optimizer.state.values():
         for k, v in st.items():
@@ -197,8 +243,11 @@ def train_loop_per_worker(config: dict) -> None:
                 st[k] = v.to(device)
 
     logger = _rank_zero_logger(config) if rank == 0 else None
+    monitor = _system_metrics(config) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     test_shard = ray.train.get_dataset_shard("test")
+    selection = EarlyStopping(job.train.early_stop_patience, _previous_metrics(resume_dir))
     for epoch in range(start_epoch, job.train.epochs):
         with tqdm(desc=f"epoch {epoch}", unit=" rows", disable=rank != 0, file=sys.stderr, mininterval=10) as bar:
             stats = train_epoch(
@@ -210,8 +259,12 @@ def train_loop_per_worker(config: dict) -> None:
                 bf16=job.train.bf16,
                 on_step=bar.update,
             )
-        preds = gather_arrays(predict(model, _torch_batches(test_shard, job.train.eval_batch_size, device), device))
-        metrics = evaluate_arrays(preds["labels"], preds["logits"], preds["users"])
+        metrics: dict = {}
+        for prefix, shard in (("val", val_shard), ("test", test_shard)):
+            if shard is None:
+                continue
+            preds = gather_arrays(predict(model, _torch_batches(shard, job.train.eval_batch_size, device), device))
+            metrics.update({f"{prefix}_{k}": v for k, v in evaluate_arrays(preds["labels"], preds["logits"], preds["users"]).items()})
         rows, seconds = _global_throughput(stats.rows, stats.seconds, device)
         metrics.update(
             epoch=epoch,
@@ -220,6 +273,7 @@ def train_loop_per_worker(config: dict) -> None:
             samples_per_s=rows / max(seconds, 1e-9),
             train_rows=rows,
         )
+        stop = selection.update(metrics)  # adds best_val_auc / epochs_since_best; same on every rank
         if logger is not None:
             logger(metrics, epoch)
         if rank == 0:
@@ -228,6 +282,54 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        if stop:
+            if rank == 0:
+                print(f"early stop after epoch {epoch}: no better val_auc for {job.train.early_stop_patience} epochs", file=sys.stderr)
+            break
+    if monitor is not None:
+        monitor.finish()
+
+
+def _system_metrics(config: dict):
+    """CPU/memory/GPU of rank 0's node into the run (MLflow's system metrics monitor)."""
+    if not config.get("mlflow_run_id"):
+        return None
+    from raylsm.train.tracking import start_system_metrics
+
+    return start_system_metrics(config["tracking_uri"], config["mlflow_run_id"])
+
+
+class EarlyStopping:
+    """Tracks the best validation AUC; ``update`` says when ``patience`` epochs passed without a better one.
+
+    Metrics are gathered over all ranks before this runs, so every rank takes the same decision.
+    """
+
+    def __init__(self, patience: int, previous: dict | None = None):
+        self.patience = patience
+        previous = previous or {}
+        self.best = float(previous.get("best_val_auc", float("-inf")))
+        self.since = int(previous.get("epochs_since_best", 0))
+
+    def update(self, metrics: dict) -> bool:
+        val = metrics.get("val_auc")
+        if val is None:
+            return False
+        if val == val and val > self.best:  # NaN never counts as better
+            self.best, self.since = float(val), 0
+        else:
+            self.since += 1
+        metrics["best_val_auc"] = self.best
+        metrics["epochs_since_best"] = self.since
+        return bool(self.patience) and self.since >= self.patience
+
+
+def _previous_metrics(resume_dir: str | None) -> dict | None:
+    """The metrics saved with the checkpoint a run resumes from (carries the early-stopping state)."""
+    if not resume_dir or not os.path.isfile(os.path.join(resume_dir, META_FILE)):
+        return None
+    with open(os.path.join(resume_dir, META_FILE)) as f:
+        return json.load(f).get("metrics")
 
 
 def _global_throughput(rows: int, seconds: float, device: torch.device) -> tuple[int, float]:

@@ -14,26 +14,43 @@ from pathlib import Path
 from raylsm.config import ConfigError
 from raylsm.data.collate import CollateSpec
 from raylsm.data.contract import validate_dataset
+from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
 from raylsm.train.config import JobConfig, default_tracking_uri, job_to_dict
-from raylsm.train.loop import model_from_checkpoint, train_loop_per_worker
-from raylsm.train.tracking import end_run, log_model, start_run
+from raylsm.train.loop import train_loop_per_worker
+from raylsm.train.tracking import end_run, finish_run, log_model, redact_uri, start_run
 
 DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (DESIGN §7)
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one."""
+    """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one bound to loopback.
+
+    Joining a cluster: the user's ``RAY_AUTH_MODE`` and token are used as they are (never forced off).
+    Starting one: every process of it (GCS, raylet, workers, agents) listens on 127.0.0.1 only, so nothing
+    outside this host can reach it. Ray turns a 127.0.0.1 node address into the host's external one while
+    multi-node support is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), which a one-node cluster does not need:
+    it is turned off for this process and the Ray processes it starts. ``RAY_AUTH_MODE`` defaults to
+    ``disabled`` for this loopback-only cluster (DESIGN §7: explicit, so behaviour doesn't flip once
+    ``~/.ray/auth_token`` exists); a user's setting wins.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        return
+    import ray._private.ray_constants as ray_constants
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by the Ray processes started below
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, which may already have happened
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK)
 
 
 def check_cpu_budget(job: JobConfig) -> None:
@@ -41,7 +58,7 @@ def check_cpu_budget(job: JobConfig) -> None:
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
-    needed = 0.0 if job.train.use_gpu else job.train.workers * job.train.cpus_per_worker
+    needed = job.train.workers * job.train.cpus_per_worker
     if total and needed + DATA_CPU_RESERVE > total:
         raise ConfigError(
             f"train.cpus_per_worker: {job.train.workers} workers x {job.train.cpus_per_worker} CPU leaves less than "
@@ -49,8 +66,58 @@ def check_cpu_budget(job: JobConfig) -> None:
         )
 
 
-def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: str | None, tracking_uri: str, callbacks=None):
-    """The TorchTrainer for ``job`` (datasets streamed by Ray Data, best-N checkpoints by AUC, FailureConfig)."""
+def gpus_needed(job: JobConfig) -> float:
+    return job.train.workers * job.train.gpus_per_worker if job.train.use_gpu else 0.0
+
+
+def check_local_gpus(job: JobConfig) -> None:
+    """Before starting a local cluster: ``--gpu`` needs as many GPUs as the workers ask for (never wait forever)."""
+    if not job.train.use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < gpus_needed(job):
+        raise ConfigError(
+            f"--gpu: {job.train.workers} workers x {job.train.gpus_per_worker:g} GPU need {gpus_needed(job):g} GPUs "
+            f"but this machine has {have}; drop --gpu or lower --workers / train.gpus_per_worker"
+        )
+
+
+def check_cluster_gpus(job: JobConfig) -> None:
+    """After connecting: the cluster must hold the GPUs the workers ask for (the autoscaler could not place them)."""
+    if not job.train.use_gpu:
+        return
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have < gpus_needed(job):
+        raise ConfigError(
+            f"--gpu: {job.train.workers} workers x {job.train.gpus_per_worker:g} GPU need {gpus_needed(job):g} GPUs "
+            f"but the Ray cluster has {have:g}; drop --gpu or lower --workers / train.gpus_per_worker"
+        )
+
+
+def check_storage(storage: str) -> Path:
+    """``--storage`` must be a directory this process can create and write (checked before Ray starts)."""
+    path = Path(storage).expanduser()
+    if "://" in storage:  # remote storage (s3://, gs://): Ray Train's pyarrow filesystem checks it
+        return path
+    try:
+        path = path.resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".raylsm-write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror or str(e) if isinstance(e, OSError) else str(e)
+        raise ConfigError(f"--storage {storage}: not a writable directory ({reason})") from None
+    return path
+
+
+def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: str | None, tracking_uri: str,
+                  callbacks=None, plan: SplitPlan | None = None):
+    """The TorchTrainer for ``job``: datasets streamed by Ray Data, best-N checkpoints by validation AUC."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -58,14 +125,20 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
     from raylsm.data.pipeline import read_split
 
     manifest = read_manifest(job.data.path)
+    plan = plan or plan_splits(job.data.path, manifest, job.data.val_fraction)
     spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
-    datasets = {
-        "train": read_split(job.data.path, "train", spec, shuffle_seed=job.train.seed),
-        "test": read_split(job.data.path, "test", spec),
-    }
+
+    def source(src: SplitSource, shuffle_seed: int | None = None):
+        return read_split(job.data.path, src.split, spec, shuffle_seed=shuffle_seed, ts_range=src.ts_range)
+
+    datasets = {"train": source(plan.train, job.train.seed), "test": source(plan.test)}
+    if plan.val is not None:
+        datasets["val"] = source(plan.val)
     resources = {"CPU": job.train.cpus_per_worker}
     if job.train.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = job.train.gpus_per_worker
+    # Without a validation split the latest epochs are kept: test metrics never choose a checkpoint.
+    score = "val_auc" if plan.val is not None else "epoch"
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -73,16 +146,17 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
             "vocab": vocab.__dict__,
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": tracking_uri,
+            "has_val": plan.val is not None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.train.workers, use_gpu=job.train.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(Path(job.storage).resolve()),
+            storage_path=str(Path(job.storage).expanduser().resolve()) if "://" not in job.storage else job.storage,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=job.train.keep_checkpoints,
-                checkpoint_score_attribute="auc",
+                checkpoint_score_attribute=score,
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
@@ -92,31 +166,63 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
     )
 
 
-def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=None) -> dict:
-    """Validate, track, train; return the result dict (the CLI prints it as the final JSON line)."""
-    manifest = validate_dataset(job.data.path)  # before anything starts (DESIGN §2)
-    vocab = Vocab.from_manifest(manifest)
+def headline(metrics: dict) -> dict:
+    """A run's headline figures: the test metrics of the checkpoint it keeps (chosen on validation)."""
+    out = {k: metrics.get(f"test_{k}", float("nan")) for k in ("auc", "gauc", "logloss")}
+    out.update(val_auc=metrics.get("val_auc", float("nan")), best_epoch=metrics.get("epoch", -1))
+    return out
+
+
+def preflight(job: JobConfig) -> tuple:
+    """Every check that needs no cluster, before Ray starts: data, splits, storage, GPUs, tracking store."""
+    from raylsm.train.tracking import check_store
+
+    manifest = validate_dataset(job.data.path)  # DESIGN §2: before anything starts
+    plan = plan_splits(job.data.path, manifest, job.data.val_fraction)
+    check_storage(job.storage)
+    check_local_gpus(job)
     tracking_uri = job.mlflow.tracking_uri or default_tracking_uri()
+    check_store(tracking_uri)
+    return manifest, plan, tracking_uri
+
+
+def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=None,
+                 extra_tags: dict[str, str] | None = None) -> dict:
+    """Check, track, train; return the result dict (the CLI prints it as the final JSON line).
+
+    Every check runs before the MLflow run is opened, so a run that never started leaves nothing in
+    MLflow. The run ends FINISHED, FAILED (training raised) or KILLED (Ctrl-C / the tuner stopped it).
+    """
+    manifest, plan, tracking_uri = preflight(job)
+    vocab = Vocab.from_manifest(manifest)
+    ensure_ray()
+    check_cpu_budget(job)
+    check_cluster_gpus(job)
     run_name = job.name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = str(check_storage(job.storage))
     mlflow_run_id = start_run(
         tracking_uri,
-        job.mlflow.experiment,
-        job.mlflow.run_name or run_name,
-        params=job_to_dict(job),
-        tags={"raylsm.model": job.preset, "raylsm.dataset": manifest.name, "raylsm.lifelong": job.model.lifelong},
+        job,
+        manifest,
+        run_name=job.mlflow.run_name or run_name,
+        tags={"raylsm.ray_run_path": f"{storage.rstrip('/')}/{run_name}", "raylsm.validation": plan.how,
+              **(extra_tags or {})},
         parent_run_id=parent_run_id,
     )
     try:
-        ensure_ray()
-        check_cpu_budget(job)
-        trainer = build_trainer(job, vocab, run_name, mlflow_run_id, tracking_uri, callbacks)
+        trainer = build_trainer(job, vocab, run_name, mlflow_run_id, tracking_uri, callbacks, plan)
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        best = result.get_best_checkpoint("auc", "max") or result.checkpoint
+        score = "val_auc" if plan.val is not None else "epoch"
+        best = result.get_best_checkpoint(score, "max") or result.checkpoint
         best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), result.metrics)
-        model, _ = model_from_checkpoint(best.path)
-        model_uri = log_model(tracking_uri, mlflow_run_id, model)
+        head = headline(best_metrics)
+        model_uri = log_model(tracking_uri, mlflow_run_id, best.path, job, manifest)
+        finish_run(tracking_uri, mlflow_run_id, head, {"raylsm.checkpoint": best.path, "raylsm.ray_run_path": result.path})
+    except KeyboardInterrupt:
+        end_run(tracking_uri, mlflow_run_id, "KILLED")
+        raise
     except BaseException:
         end_run(tracking_uri, mlflow_run_id, "FAILED")
         raise
@@ -124,14 +230,14 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
     last = result.metrics
     return {
         "model": job.preset,
-        "auc": best_metrics["auc"],
-        "gauc": best_metrics["gauc"],
-        "logloss": best_metrics["logloss"],
-        "epoch": best_metrics["epoch"],
+        **head,
+        "epoch": head["best_epoch"],
+        "epochs_run": int(last.get("epoch", -1)) + 1,
+        "validation": plan.how,
         "samples_per_s": last["samples_per_s"],
         "mlflow_run_id": mlflow_run_id,
         "mlflow_model_uri": model_uri,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_uri(tracking_uri),
         "checkpoint": best.path,
         "run_path": result.path,
     }

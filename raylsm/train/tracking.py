@@ -1,21 +1,28 @@
 """MLflow record (DESIGN §5): one run per training, created and closed by the driver.
 
-The driver opens the run before training (so an unreachable store fails fast),
-logs the resolved config as flattened params and the ``raylsm.*`` tags; rank 0
-of the training workers logs per-epoch metrics into that run id; the driver
-logs the final model with ``mlflow.pytorch.log_model`` and ends the run as
-FINISHED, or as FAILED when training raised. A tuning trial's run is created
-with ``parent_run_id`` so the MLflow UI nests it under the tuning run.
+The driver runs every check first (nothing is logged for a run that never starts), then opens
+the run with the context tags ``mlflow.start_run`` would set (source, git commit, user), the
+``raylsm.*`` tags, the params of the parts of the model the run uses (flattened, dotted; URIs
+with credentials redacted), the resolved job YAML as an artifact and the dataset as an input
+(digest from the manifest). Rank 0 of the training workers logs per-epoch metrics into that run
+id (NaN logged as NaN) and samples system metrics (CPU, memory, GPU). The driver logs the kept
+checkpoint as an MLflow model that loads without unpickling (``raylsm/serving.py``: code + a
+weights-only checkpoint, with a signature), the headline metrics of that checkpoint, and ends
+the run FINISHED, FAILED or KILLED. A tuning trial's run is created with ``parent_run_id``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from raylsm.config import flatten
+from raylsm.config import flatten, to_dict
 
 _PARAM_CHUNK = 100  # MLflow accepts at most 100 params per log_batch call
 
@@ -38,7 +45,7 @@ def check_store(tracking_uri: str) -> None:
         _client(tracking_uri).search_experiments(max_results=1)
     except Exception as e:  # any failure here means training must not start
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"--tracking-uri {tracking_uri}: MLflow tracking store unreachable ({first[:200]})") from None
+        raise TrackingError(f"--tracking-uri {redact_uri(tracking_uri)}: MLflow tracking store unreachable ({first[:200]})") from None
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
@@ -59,29 +66,126 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def redact_uri(uri: str) -> str:
+    """``scheme://user:secret@host/...`` -> ``scheme://***@host/...``: no credentials in params or output."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def used_config(job) -> dict[str, Any]:
+    """The resolved job config reduced to what the run uses: the chosen lifelong module's block and the
+    enabled enhancements only (a ``din`` run logs no ``model.twin.*``); the tracking URI redacted."""
+    cfg = to_dict(job)
+    model = cfg["model"]
+    kept = {"lifelong": model["lifelong"], "head": model["head"], "features": model["features"],
+            model["lifelong"]: model[model["lifelong"]]}
+    for block, on in (("crp", model["crp"]["enabled"]), ("msia", model["msia"]["enabled"]),
+                      ("peg", model["peg"]["enabled"])):
+        kept[block] = model[block] if on else {"enabled": False}
+    kept["context"] = model["context"] if model["context"]["kind"] != "none" else {"kind": "none"}
+    cfg["model"] = kept
+    if cfg.get("mlflow", {}).get("tracking_uri"):
+        cfg["mlflow"]["tracking_uri"] = redact_uri(cfg["mlflow"]["tracking_uri"])
+    return cfg
+
+
+def manifest_digest(manifest) -> str:
+    """A short content digest of the dataset's manifest (what the MLflow UI shows for the input)."""
+    text = json.dumps(manifest.to_json() if hasattr(manifest, "to_json") else manifest, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _dataset_input(job, manifest):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = str(Path(job.data.path).expanduser().resolve()) if "://" not in job.data.path else job.data.path
+    try:
+        source = resolve_dataset_source(path)
+    except Exception:  # no registered source for this scheme: record the path as an HTTP-like URI
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        source = HTTPDatasetSource(path)
+    return MetaDataset(source=source, name=manifest.name, digest=manifest_digest(manifest))
+
+
 def start_run(
     tracking_uri: str,
-    experiment: str,
+    job,
+    manifest,
     run_name: str,
-    params: dict[str, Any],
-    tags: dict[str, str],
+    tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> str:
-    """Create a run, log params (flattened, dotted) and tags; return its id."""
+    """Create a run with context tags, used params, the job YAML and the dataset input; return its id."""
+    import mlflow
+    import yaml
     from mlflow.entities import Param, RunTag
+    from mlflow.tracking.context.registry import resolve_tags
 
     check_store(tracking_uri)
     client = _client(tracking_uri)
-    all_tags = dict(tags)
+    all_tags = {"raylsm.model": job.preset, "raylsm.dataset": manifest.name, "raylsm.lifelong": job.model.lifelong,
+                "raylsm.dataset_digest": manifest_digest(manifest), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(tracking_uri, experiment), tags=all_tags, run_name=run_name or None)
+    all_tags = resolve_tags(all_tags)  # mlflow.source.name/type, mlflow.user, mlflow.source.git.commit
+    if "mlflow.source.git.commit" not in all_tags and (commit := _git_commit()):
+        all_tags["mlflow.source.git.commit"] = commit  # MLflow finds it only with GitPython installed
+    run = client.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=all_tags, run_name=run_name or None)
     run_id = run.info.run_id
-    flat = [Param(k, str(v)) for k, v in flatten(params).items()]
+    used = used_config(job)
+    flat = [Param(k, str(v)[:6000]) for k, v in flatten(used).items()]
     for i in range(0, len(flat), _PARAM_CHUNK):
         client.log_batch(run_id, params=flat[i : i + _PARAM_CHUNK])
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items() if k.startswith("raylsm.")])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items() if k.startswith("raylsm.")])
+    job_dict = to_dict(job)
+    if job_dict["mlflow"].get("tracking_uri"):
+        job_dict["mlflow"]["tracking_uri"] = redact_uri(job_dict["mlflow"]["tracking_uri"])
+    client.log_text(run_id, yaml.safe_dump(job_dict, sort_keys=False), "job.yaml")
+    mlflow.set_tracking_uri(tracking_uri)
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = _dataset_input(job, manifest)
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
     return run_id
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout the raylsm package runs from, if it is one."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def start_system_metrics(tracking_uri: str, run_id: str, interval: float = 10.0):
+    """Sample CPU/memory/GPU of this process's node into the run (rank 0's node); return the monitor or None."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # psutil missing or the store refused: training goes on, the user is told once
+        print(f"raylsm: system metrics not logged ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+              file=sys.stderr)
+        return None
 
 
 def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
@@ -97,16 +201,64 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], s
     _client(tracking_uri).log_batch(run_id, metrics=batch)
 
 
-def log_model(tracking_uri: str, run_id: str, model) -> str:
-    """Log the model with ``mlflow.pytorch.log_model``; return its model URI."""
-    import mlflow
-    import mlflow.pytorch
+def input_example(job, manifest, rows: int = 3):
+    """A few contract rows of the test split as a DataFrame (the model's input example and signature)."""
+    import pyarrow.parquet as pq
 
+    from raylsm.data.collate import CollateSpec
+    from raylsm.data.contract import shard_files
+
+    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    cols = [c for c in spec.columns if c != "label"]
+    table = pq.read_table(shard_files(job.data.path, "test")[0], columns=cols, partitioning=None).slice(0, rows)
+    return table.to_pandas()
+
+
+def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str, job, manifest) -> str:
+    """Log the kept checkpoint as a code-defined pyfunc model (no pickle) with a signature; return its URI."""
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import infer_signature
+
+    import raylsm
+    from raylsm.serving import score_frame
+    from raylsm.data.collate import CollateSpec
+    from raylsm.train.loop import model_from_checkpoint
+
+    example = input_example(job, manifest)
+    model, _ = model_from_checkpoint(checkpoint_dir)
+    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    signature = infer_signature(example, score_frame(model.eval(), spec, example))
+    package = Path(raylsm.__file__).resolve().parent
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        # "pickle": the model takes a dict batch, which the traced pt2 format cannot export without an example.
-        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle")
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about type hints and integer columns
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(package / "serving.py"),
+            artifacts={"checkpoint": checkpoint_dir},
+            code_paths=[str(package)],
+            pip_requirements=_requirements(),
+            signature=signature,
+            input_example=example,
+        )
     return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """What the logged model needs to load: published packages only (raylsm itself travels as code)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "pyarrow", "pandas", "pyyaml", "mlflow")]
+
+
+def finish_run(tracking_uri: str, run_id: str, metrics: dict[str, Any], tags: dict[str, str]) -> None:
+    """Log the headline metrics (of the kept checkpoint) and the tags that link the run to Ray's outputs."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    _client(tracking_uri).log_batch(run_id, metrics=batch, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:

@@ -1,0 +1,54 @@
+"""The logged MLflow model: code plus a weights-only checkpoint, so loading it unpickles nothing.
+
+MLflow "models from code": this file is the model's definition (``mlflow.models.set_model``
+at the bottom); the run's checkpoint directory travels as the artifact ``checkpoint``
+(``checkpoint.pt`` read with ``torch.load(weights_only=True)`` and ``job.json``), and the
+``raylsm`` package travels in the model's ``code/`` folder. Input: a pandas DataFrame of
+dataset-contract rows (``user_id``, ``item_id``, ``item_cate``, ``profile_*``, the list
+columns; ``label`` optional). Output: the click probability of each row.
+
+    model = mlflow.pyfunc.load_model(run.info.artifact_uri + "/model")
+    probs = model.predict(frame)
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+import mlflow.models
+
+
+class LifelongCTRModel(mlflow.pyfunc.PythonModel):
+    """Scores contract rows with the checkpoint's model (sigmoid of its logits)."""
+
+    def load_context(self, context) -> None:
+        from raylsm.data.collate import CollateSpec
+        from raylsm.train.loop import model_from_checkpoint
+
+        self.model, meta = model_from_checkpoint(context.artifacts["checkpoint"])
+        self.model.eval()
+        data = meta["job"]["data"]
+        self.spec = CollateSpec(data["st_len"], data["ll_len"], tuple(meta["vocab"]["profile"]))
+
+    def predict(self, context, model_input, params=None):
+        return score_frame(self.model, self.spec, model_input)
+
+
+def score_frame(model, spec, frame):
+    """Click probabilities of a DataFrame of contract rows."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from raylsm.data.collate import collate_table
+
+    frame = frame.copy()
+    if "label" not in frame:
+        frame["label"] = np.zeros(len(frame), np.int8)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    batch = {k: torch.from_numpy(v) for k, v in collate_table(table, spec).items()}
+    with torch.no_grad():
+        logits, _ = model(batch)
+    return torch.sigmoid(logits.float()).numpy()
+
+
+mlflow.models.set_model(LifelongCTRModel())
