@@ -200,6 +200,54 @@ def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
     return [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
 
 
+def restore_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load weights, optimizer state and the torch RNG state of a checkpoint; return the epoch to start at."""
+    state, _ = load_checkpoint(directory)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]) + 1
+
+
+def _meta_batch(b: int, st_len: int, ll_len: int, profile_fields: int) -> dict[str, Tensor]:
+    """A collated batch (see ``raylsm.data.collate``) of shape-only tensors on the meta device."""
+    def ids(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=torch.int64, device="meta")
+
+    def mask(*shape: int) -> Tensor:
+        return torch.ones(shape, dtype=torch.bool, device="meta")
+
+    batch = {"user_id": ids(b), "item_id": ids(b), "item_cate": ids(b), "profile": ids(b, profile_fields),
+             "label": torch.zeros(b, device="meta")}
+    for name in ("st_tgt", "st_src"):
+        batch.update({f"{name}_items": ids(b, st_len), f"{name}_cates": ids(b, st_len), f"{name}_mask": mask(b, st_len)})
+    batch.update(ll_items=ids(b, ll_len), ll_cates=ids(b, ll_len), ll_ctx=ids(b, ll_len), ll_gap=ids(b, ll_len),
+                 ll_mask=mask(b, ll_len))
+    return batch
+
+
+def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
+    """Names of the parameters that the model of ``job`` never uses to compute its loss.
+
+    Found with one forward and backward of a copy of the model on the meta device (no memory, no
+    random numbers drawn): where that runs, the graph cannot depend on the data's values, so the set is
+    the same for every batch. DDP needs ``find_unused_parameters=True`` exactly when it is not empty
+    (it otherwise stops at the second step waiting for their gradients); the flag costs a graph walk
+    per step, so it is only paid then. A model whose forward does not run on meta counts as having
+    unused parameters (safe, slower).
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        probe = build_model(job.model, vocab)
+    probe.train()
+    try:
+        logits, aux = probe(_meta_batch(2, job.data.st_len, job.data.ll_len, len(vocab.profile)))
+        loss = logits.float().sum() + sum((v.float().sum() for v in aux.values()), torch.zeros((), device="meta"))
+        loss.backward()
+    except Exception:  # data-dependent control flow: cannot tell from shapes alone
+        return [name for name, _ in probe.named_parameters()]
+    return [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+
+
 # ----------------------------------------------------------------------------- Ray Train worker
 
 
