@@ -26,9 +26,6 @@ DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (DESIGN §7)
 LOOPBACK = "127.0.0.1"
 
 
-LOOPBACK = "127.0.0.1"
-
-
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one bound to loopback.
 
