@@ -42,20 +42,15 @@ def emit(result: dict[str, Any]) -> None:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from raylsm.data.synth import generate
+    from raylsm.data.synth import SynthConfig, generate_config
 
-    summary = generate(
-        args.out,
-        users=args.users,
-        rows=args.rows,
-        ll_len=args.ll_len,
-        st_len=args.st_len,
-        shards=args.shards,
-        domains=args.domains,
-        seed=args.seed,
-        progress=not args.quiet,
+    cfg = SynthConfig(
+        users=args.users, rows=args.rows, ll_len=args.ll_len, st_len=args.st_len, shards=args.shards,
+        domains=args.domains, seed=args.seed, interests=args.interests, cates_per_interest=args.cates_per_interest,
+        tgt_items=args.tgt_items, src_items=args.src_items, p_real=args.p_real, p_decoy=args.p_decoy,
+        bridge=args.bridge == "on", context_effect=args.context_effect == "on",
     )
-    emit(summary)
+    emit(generate_config(args.out, cfg, progress=not args.quiet))
     return 0
 
 
@@ -155,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--domains", choices=["cross", "single"], default="cross")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interests", type=int, default=32, help="hidden interests (world size)")
+    p.add_argument("--cates-per-interest", type=int, default=4)
+    p.add_argument("--tgt-items", type=int, default=10_000, help="target-domain items (candidates, st_tgt)")
+    p.add_argument("--src-items", type=int, default=50_000, help="source-domain items (lifelong, st_src)")
+    p.add_argument("--bridge", choices=["on", "off"], default="on",
+                   help="cross-domain co-occurrence in the short-term sequences (rewards CRP)")
+    p.add_argument("--context-effect", choices=["on", "off"], default="on",
+                   help="session engagement (ctx) tells real from decoy sessions (rewards a context encoder)")
+    p.add_argument("--p-real", type=float, default=0.4, help="share of real (liked-interest) sessions")
+    p.add_argument("--p-decoy", type=float, default=0.4,
+                   help="share of decoy sessions: > p_real makes decoys the frequent interests (counting misleads)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_data_synth)
 

@@ -14,9 +14,13 @@ B, L, DQ, DS, DC = 4, 12, 6, 8, 4
 HEADS, D, F = 2, 8, 16
 
 
-def make_lap(k1: int = 6, k2: int = 3, query_dim: int = DQ, seed: int = 0) -> LAP:
+PAPER = {"pooling": "softmax", "fsa": "per_item"}  # the reading the equation tests below spell out
+
+
+def make_lap(k1: int = 6, k2: int = 3, query_dim: int = DQ, seed: int = 0, reading: dict | None = None) -> LAP:
     torch.manual_seed(seed)
-    return LAP(LapConfig(k1=k1, k2=k2, heads=HEADS, att_dim=D, ffn_dim=F), query_dim, DS, DC)
+    cfg = LapConfig(k1=k1, k2=k2, heads=HEADS, att_dim=D, ffn_dim=F, **(PAPER if reading is None else reading))
+    return LAP(cfg, query_dim, DS, DC)
 
 
 def left_mask(lengths: list[int], n: int = L) -> torch.Tensor:
@@ -42,15 +46,25 @@ def reference(lap: LAP, query, seq, ctx, mask) -> torch.Tensor:
             outs.append(torch.zeros(lap.out_dim))
             continue
         # CSA over every real behaviour.
-        r = e_h @ lap.csa_query(e_v)
-        ir_csa = torch.softmax(r, 0) @ e_h
+        r = e_h @ lap.csa_query(e_v) / lap.csa_temperature
+        pool = (lambda x: torch.softmax(x, 0)) if lap.pooling == "softmax" else (lambda x: x)
+        ir_csa = pool(r) @ e_h
         keep1 = torch.argsort(r, descending=True)[: lap.k1]
         kv = torch.cat([e_h, e_c], -1)[keep1]
         # MSA over the K1 kept.
         r_msa = lap.msa_k(kv) @ lap.msa_q(e_v) / math.sqrt(D)
-        ir_msa = torch.softmax(r_msa, 0) @ lap.msa_v(kv)
+        ir_msa = pool(r_msa) @ lap.msa_v(kv)
         kv = kv[torch.argsort(r_msa, descending=True)[: lap.k2]]
         # FSA: per item and head, weight * value; heads concatenated; FFN per item; mean.
+        if lap.fsa == "per_head":  # one H_h per head (eq. 11), FFN on the concatenation (eq. 12)
+            heads = []
+            for h in range(HEADS):
+                sl = slice(h * D, (h + 1) * D)
+                q_h = lap.fsa_q.weight[sl] @ e_v
+                logits = torch.stack([q_h @ (lap.fsa_k.weight[sl] @ kv[j]) for j in range(kv.shape[0])]) / math.sqrt(D)
+                heads.append(torch.softmax(logits, 0) @ (kv @ lap.fsa_v.weight[sl].T))
+            outs.append(torch.cat([ir_csa, ir_msa, lap.ffn(torch.cat(heads))]))
+            continue
         per_item = []
         for k in range(kv.shape[0]):
             heads = []
@@ -63,6 +77,34 @@ def reference(lap: LAP, query, seq, ctx, mask) -> torch.Tensor:
         ir_fsa = torch.stack(per_item).mean(0)
         outs.append(torch.cat([ir_csa, ir_msa, ir_fsa]))
     return torch.stack(outs)
+
+
+@pytest.mark.parametrize("reading", [
+    {"pooling": "sum", "fsa": "per_head"}, {"pooling": "sum", "fsa": "per_item", "csa_temperature": 0.5},
+    {"pooling": "softmax", "fsa": "per_head", "csa_temperature": 2.0}, {},
+])
+def test_every_reading_matches_the_loop_reference(reading):
+    lap = make_lap(reading=reading)  # {} = the config defaults
+    query, seq, ctx, mask = inputs([12, 9, 4, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(lap(query, seq, ctx, mask), reference(lap, query, seq, ctx, mask))
+
+
+def test_sum_pooling_keeps_how_many_match():
+    # Softmax pooling of a candidate matched by 1 or by 5 identical behaviours gives the same IR_CSA;
+    # the raw-score sum (eq. 8 as printed) grows with the count.
+    q = torch.ones(2, DS)
+    seq = torch.zeros(2, L, DS)
+    seq[0, -1] = 1.0
+    seq[1, -5:] = 1.0
+    mask = torch.zeros(2, L, dtype=torch.bool)
+    mask[0, -1] = True
+    mask[1, -5:] = True
+    ctx = torch.zeros(2, L, DC)
+    soft = make_lap(query_dim=DS, reading={"pooling": "softmax"}).levels(q, seq, ctx, mask).ir_csa
+    summed = make_lap(query_dim=DS, reading={"pooling": "sum"}).levels(q, seq, ctx, mask).ir_csa
+    torch.testing.assert_close(soft[0], soft[1])
+    torch.testing.assert_close(summed[1], 5 * summed[0])
 
 
 def test_shapes_and_out_dim():

@@ -55,6 +55,24 @@ Planted effects (defaults in brackets):
   (``base_logit``, ``w_long``, ``w_current``, ``*_bias_std``). Decoys get no uplift. Base CTR ≈
   0.22; CTR ≈ 0.44 vs 0.07 for long-term vs other candidates, ≈ 0.50 vs 0.10 for current vs other.
 
+Effect switches and the mechanism each one rewards (all on by default):
+
+* ``bridge`` (``--bridge on|off``). On: ``st_tgt`` holds the user's current interests, so
+  target and source items that co-occur in one impression's short-term sequences share a hidden
+  interest — the only link between the disjoint id spaces besides the labels. Rewards LCN's CRP
+  (cross-domain pairs). Off: ``st_tgt`` items are of uniform random interests (``st_noise`` = 1):
+  nothing co-occurs, CRP has nothing to align (and the short-term target signal is gone as well).
+* ``context_effect`` (``--context-effect on|off``). On: a session's engagement (``ll_ctx`` 3/4 vs
+  1/2) says whether it is real or decoy. Rewards a context encoder (CAIN's TCN: neighbours'
+  engagement) and context-aware attention (MSA/FSA, TWIN's cross features). Off: each session is
+  engaged with probability ``p_real`` regardless of its kind, so ctx carries no information.
+* Frequency gap (``--p-real``, ``--p-decoy``): the share of real (liked) and decoy sessions. With
+  the defaults (0.4 / 0.4 over 2 current and 2 decoy interests) each decoy interest fills more of
+  the lifelong sequence than each liked one, so counting matching behaviours alone (DIN) is misled;
+  ``--p-decoy 0`` makes counting suffice, ``--p-real 0.7 --p-decoy 0.1`` makes liked interests the
+  frequent ones. The world size (``--interests``, ``--cates-per-interest``, ``--tgt-items``,
+  ``--src-items``) sets how many rows a model needs to learn the bridge.
+
 Measured on 20k rows (seed 0, defaults): the true click probability ranks with AUC ≈ 0.84; "how many of
 the last 20 ``st_tgt`` items share the candidate's interest" ≈ 0.75 (same category ≈ 0.73);
 lifelong items of the candidate's interest, raw count ≈ 0.57, own ctx ≥ 3 ≈ 0.61, neighbours' mean
@@ -120,6 +138,9 @@ class SynthConfig:
     focus: float = 0.5
     mix_long: float = 0.7
     st_noise: float = 0.2
+    # Effect switches (each one isolates the mechanism that needs it; see the module docstring).
+    bridge: bool = True  # False: st_tgt items are of uniform random interests (no cross-domain co-occurrence)
+    context_effect: bool = True  # False: a session's engagement (ctx) is drawn independently of its kind
     ctx_noise: tuple[float, float, float, float] = (0.6, 0.7, 0.8, 0.9)
     feed_ctx_noise: float = 0.1
     gap_buckets: int = 64
@@ -169,6 +190,8 @@ class SynthConfig:
         for name in ("p_real", "p_decoy", "focus", "mix_long", "st_noise", "feed_ctx_noise"):
             need(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
         need(self.p_real + self.p_decoy <= 1.0, "p_decoy", "<= 1 - p_real")
+        for name in ("bridge", "context_effect"):
+            need(isinstance(getattr(self, name), (bool, np.bool_)), name, "a boolean (on/off)")
         need(len(self.ctx_noise) == 4 and all(0 <= q <= 1 for q in self.ctx_noise), "ctx_noise",
              "4 probabilities (activity 1..4)")
         need(len(self.cand_mix) == 3 and all(p >= 0 for p in self.cand_mix) and sum(self.cand_mix) <= 1,
@@ -418,7 +441,11 @@ def source_timeline(world: World, u: np.ndarray, pos: np.ndarray) -> dict[str, n
     items = world.source.pick(interest, _bits(hb, 28, 24))
     noise_q = np.where(topic, world.ctx_noise_q[u], round(cfg.feed_ctx_noise * 256))
     randomised = _bits(hb, 52, 8) < noise_q
-    engaged = np.where(real, CTX_LONG_VIEW, CTX_SKIP) + _bits(hb, 62, 1)
+    if cfg.context_effect:
+        liked = real
+    else:  # engagement drawn per session with the same rate, independent of the session's kind
+        liked = _bits(hs, 33, 7) < round(cfg.p_real * 128)
+    engaged = np.where(liked, CTX_LONG_VIEW, CTX_SKIP) + _bits(hb, 62, 1)
     ctx = np.where(randomised, 1 + _bits(hb, 60, 2), engaged)
     time_ = _session_start(world, u, s, hs) + (pos - s * sl) * STEP
     return {"items": items, "cates": world.item_cate[items], "ctx": ctx, "time": time_, "kind": kind,
@@ -431,7 +458,7 @@ def target_timeline(world: World, u: np.ndarray, pos: np.ndarray) -> dict[str, n
     s = pos // np.maximum(world.tgt_per_session[u], 1)
     h = _hash(_key(u, pos), _salt(cfg.seed, _S_TARGET))
     interest = _current_interest(world, u, s // cfg.window_sessions, _bits(h, 0, 1))
-    noise = _bits(h, 1, 12) < round(cfg.st_noise * 4096)
+    noise = _bits(h, 1, 12) < round((cfg.st_noise if cfg.bridge else 1.0) * 4096)
     interest = np.where(noise, _below(_bits(h, 13, 16), 16, cfg.interests), interest)
     items = world.target.pick(interest, _bits(h, 32, 24))
     return {"items": items, "cates": world.item_cate[items], "interest": interest}

@@ -25,10 +25,19 @@ class FeatureConfig:
     # vocab exceeds N is hashed into N buckets (id 0 stays padding), so
     # industrial-size vocabularies fit a worker.
     hash_buckets: int = 0
+    # Embedding-table init. xavier = the papers' weight-matrix init applied to the tables (rows of
+    # norm ~ sqrt(2·D / vocab): ~0.05 for a 26k-item vocabulary against ~1 for a 64-value ctx table,
+    # so dot-product retrieval starts flat); normal = N(0, emb_std²) for every table alike.
+    emb_init: Literal["xavier", "normal"] = "normal"
+    emb_std: float = 0.1
 
     def validate(self) -> None:
         if self.emb_dim < 1:
             raise ConfigError(f"model.features.emb_dim: must be >= 1, got {self.emb_dim}")
+        if self.emb_init not in ("xavier", "normal"):
+            raise ConfigError(f"model.features.emb_init: must be xavier or normal, got {self.emb_init!r}")
+        if self.emb_std <= 0:
+            raise ConfigError(f"model.features.emb_std: must be > 0, got {self.emb_std}")
         if self.hash_buckets < 0 or self.hash_buckets == 1:
             raise ConfigError(f"model.features.hash_buckets: must be 0 (off) or >= 2, got {self.hash_buckets}")
 
@@ -125,8 +134,23 @@ class LapConfig:
     heads: int = 4
     att_dim: int = 64  # inner dimension d of MSA/FSA projections (per head in FSA)
     ffn_dim: int = 128  # hidden size of the FSA feed-forward layer, eq. (12)
+    # CSA/MSA pooling (eqs. 8, 10): softmax = "weighted average pooling" (masked softmax of the
+    # scores); sum = the printed Σ_k r_k·v_k with the scaled raw scores as weights (keeps how many
+    # behaviours match the candidate). The raw scores rank the top-K either way.
+    pooling: Literal["softmax", "sum"] = "sum"
+    # CSA score scale: r_k = (e^h_k · e^v) / csa_temperature (the paper: 1, no temperature).
+    csa_temperature: float = 1.0
+    # FSA (eqs. 11-13): per_item = FFN on each item's weighted value, then the mean over the K2
+    # (eq. 13 read per item); per_head = eq. 11's one H_h per head, heads concatenated, one FFN.
+    fsa: Literal["per_item", "per_head"] = "per_head"
 
     def validate(self) -> None:
+        if self.pooling not in ("softmax", "sum"):
+            raise ConfigError(f"model.lap.pooling: must be softmax or sum, got {self.pooling!r}")
+        if self.fsa not in ("per_item", "per_head"):
+            raise ConfigError(f"model.lap.fsa: must be per_item or per_head, got {self.fsa!r}")
+        if self.csa_temperature <= 0:
+            raise ConfigError(f"model.lap.csa_temperature: must be > 0, got {self.csa_temperature}")
         if self.k1 < 1 or self.k2 < 1:
             raise ConfigError(f"model.lap.k1/k2: must be >= 1, got k1={self.k1}, k2={self.k2}")
         if self.k2 > self.k1:
@@ -163,8 +187,13 @@ class ContextConfig:
     # outputs are concatenated (ceil/floor of out_dim each), like the TCN's two-sided window.
     bidirectional: bool = True
     heads: int = 1  # kind=self_attention: heads (out_dim must be divisible by heads)
+    # How the encoder output cr_t enters the lifelong module: replace = the paper's eq. 6 (cr_t
+    # replaces lhe_t); concat = [lhe_t ‖ cr_t], so retrieval keeps a direct handle on the item.
+    merge: Literal["replace", "concat"] = "replace"
 
     def validate(self) -> None:
+        if self.merge not in ("replace", "concat"):
+            raise ConfigError(f"model.context.merge: must be replace or concat, got {self.merge!r}")
         if self.cl < 0:
             raise ConfigError(f"model.context.cl: must be >= 0, got {self.cl}")
         if self.out_dim < 0:

@@ -6,7 +6,8 @@ P profile fields. The forward pass reads like LCN Fig. 2 / CAIN Fig. 2:
 1. embed the candidate, profile, short-term and lifelong behaviours;
 2. short-term interest: target attention over ``st_tgt`` and ``st_src``;
 3. optional context encoder (CAIN §4.1–4.3: TCN / MSIA / PEG) whose output
-   ``cr_t`` replaces the behaviour representation ``lhe_t`` (CAIN eq. 6);
+   ``cr_t`` replaces the behaviour representation ``lhe_t`` (CAIN eq. 6; ``context.merge =
+   replace``) or is appended to it (``concat``: ``[lhe_t ‖ cr_t]``);
 4. lifelong interest from the registry module (``din`` ... ``lap``);
 5. MLP head over ``[candidate ‖ profile ‖ short-term ‖ lifelong (‖ MSIA aux)]`` -> logits (B,).
 
@@ -39,7 +40,9 @@ class CTRModel(nn.Module):
         self.context_encoder = build_context_encoder(
             cfg, in_dim=f.behaviour_dim + f.context_dim, query_dim=f.behaviour_dim, profile_dim=f.profile_dim
         )
-        seq_dim = self.context_encoder.out_dim if self.context_encoder is not None else f.behaviour_dim
+        seq_dim = f.behaviour_dim
+        if self.context_encoder is not None:
+            seq_dim = self.context_encoder.out_dim + (f.behaviour_dim if cfg.context.merge == "concat" else 0)
         self.lifelong = build_lifelong(cfg, query_dim=f.behaviour_dim, seq_dim=seq_dim, ctx_dim=f.context_dim)
         self.crp = build_crp(cfg)
         aux_dim = self.context_encoder.aux_dim if self.context_encoder is not None else 0
@@ -75,7 +78,8 @@ class CTRModel(nn.Module):
         parts = [cand, profile, short]
         seq = ll
         if self.context_encoder is not None:
-            seq, aux_interest = self.context_encoder(torch.cat([ll, ctx], dim=-1), ll_mask, cand, profile)
+            cr, aux_interest = self.context_encoder(torch.cat([ll, ctx], dim=-1), ll_mask, cand, profile)
+            seq = cr if self.cfg.context.merge == "replace" else torch.cat([ll, cr], dim=-1)  # (B, L, C) or (B, L, 2D+C)
         # 4. Lifelong interest.
         parts.append(self.lifelong(cand, seq, ctx, ll_mask))
         if self.context_encoder is not None and self.context_encoder.aux_dim:

@@ -48,7 +48,7 @@ class LapLevels:
     fsa_idx: Tensor  # (B, K2)  long, positions in the sequence
     fsa_mask: Tensor  # (B, K2)  bool
     fsa_weights: Tensor  # (B, H, K2) softmax weights of eq. (11)
-    fsa_items: Tensor  # (B, K2, H*d) per-item H_k after eq. (12)
+    fsa_items: Tensor  # (B, K2, H*d) per-item H_k after eq. (12); (B, 1, H*d) with fsa=per_head
     ir_csa: Tensor  # (B, Ds)
     ir_msa: Tensor  # (B, d)
     ir_fsa: Tensor  # (B, H*d)
@@ -68,6 +68,7 @@ class LAP(nn.Module):
     def __init__(self, cfg: LapConfig, query_dim: int, seq_dim: int, ctx_dim: int):
         super().__init__()
         self.k1, self.k2 = cfg.k1, cfg.k2
+        self.pooling, self.fsa, self.csa_temperature = cfg.pooling, cfg.fsa, cfg.csa_temperature
         self.heads, self.att_dim = cfg.heads, cfg.att_dim
         d, hd, kv_dim = cfg.att_dim, cfg.heads * cfg.att_dim, seq_dim + ctx_dim
         # CSA: the inner product needs e^v in the behaviour space; identity when the sizes agree.
@@ -84,14 +85,20 @@ class LAP(nn.Module):
         _xavier(self)
         self.out_dim = seq_dim + d + hd
 
+    def _pool(self, scores: Tensor, mask: Tensor) -> Tensor:
+        """Pooling weights of eqs. (8)/(10): masked softmax, or the raw scores (padding -> 0)."""
+        if self.pooling == "softmax":
+            return masked_softmax(scores, mask)
+        return scores.masked_fill(~mask, 0.0)
+
     def levels(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> LapLevels:
         """Run the three levels and return every intermediate (indices, scores, interests)."""
         b = seq.shape[0]
         h, d = self.heads, self.att_dim
 
         # Level 1 — Complete-Scope Attention over the whole sequence.
-        r = torch.bmm(seq, self.csa_query(query).unsqueeze(-1)).squeeze(-1)  # Eq. (7)  (B, L)
-        ir_csa = torch.bmm(masked_softmax(r, mask).unsqueeze(1), seq).squeeze(1)  # Eq. (8)  (B, Ds)
+        r = torch.bmm(seq, self.csa_query(query).unsqueeze(-1)).squeeze(-1) / self.csa_temperature  # Eq. (7)  (B, L)
+        ir_csa = torch.bmm(self._pool(r, mask).unsqueeze(1), seq).squeeze(1)  # Eq. (8)  (B, Ds)
         idx1, mask1 = topk_valid(r, mask, self.k1)  # (B, K1), (B, K1)
         kv1 = torch.cat([gather_seq(seq, idx1), gather_seq(ctx, idx1)], dim=-1)  # [e^h ‖ e^c]  (B, K1, Ds+Dc)
 
@@ -100,7 +107,7 @@ class LAP(nn.Module):
         # applied to the query and to the pooled vector, not to each of the K1 items (same values).
         q = self.msa_q(query) @ self.msa_k.weight  # W^K^T W^Q e^v  (B, Ds+Dc)
         r_msa = torch.bmm(kv1, q.unsqueeze(-1)).squeeze(-1) / math.sqrt(d)  # Eq. (9)  (B, K1)
-        w_msa = masked_softmax(r_msa, mask1)  # (B, K1)
+        w_msa = self._pool(r_msa, mask1)  # (B, K1)
         ir_msa = self.msa_v(torch.bmm(w_msa.unsqueeze(1), kv1).squeeze(1))  # Eq. (10)  (B, d)
         idx2, mask2 = topk_valid(r_msa, mask1, self.k2)  # positions among the K1: (B, K2), (B, K2)
         kv2 = gather_seq(kv1, idx2)  # (B, K2, Ds+Dc)
@@ -112,9 +119,14 @@ class LAP(nn.Module):
         s_fsa = torch.bmm(q_k, kv2.transpose(1, 2)) / math.sqrt(d)  # Q_h K_hk^T / √d  (B, H, K2)
         w_fsa = masked_softmax(s_fsa, mask2.unsqueeze(1))  # Eq. (11)  (B, H, K2)
         v_h = self.fsa_v(kv2).view(b, k2, h, d)  # V_hk  (B, K2, H, d)
-        heads = (w_fsa.transpose(1, 2).unsqueeze(-1) * v_h).reshape(b, k2, h * d)  # Eq. (11) concat_h  (B, K2, H*d)
-        items = self.ffn(heads)  # Eq. (12)  (B, K2, H*d)
-        ir_fsa = masked_mean(items, mask2)  # Eq. (13)  (B, H*d)
+        if self.fsa == "per_item":
+            heads = (w_fsa.transpose(1, 2).unsqueeze(-1) * v_h).reshape(b, k2, h * d)  # Eq. (11) per item  (B, K2, H*d)
+            items = self.ffn(heads)  # Eq. (12)  (B, K2, H*d)
+            ir_fsa = masked_mean(items, mask2)  # Eq. (13)  (B, H*d)
+        else:
+            heads = torch.einsum("bhk,bkhd->bhd", w_fsa, v_h).reshape(b, h * d)  # Eq. (11) H_h, concat_h  (B, H*d)
+            items = self.ffn(heads).unsqueeze(1)  # Eq. (12)  (B, 1, H*d)
+            ir_fsa = items.squeeze(1)  # Eq. (13): one H, the mean is the identity  (B, H*d)
 
         return LapLevels(
             csa_scores=r,

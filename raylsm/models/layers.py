@@ -148,7 +148,8 @@ class FeatureLayer(nn.Module):
 
     With ``hash_buckets = N > 0``, an id space whose vocab exceeds N is mapped by
     ``1 + (id * φ) mod (N - 1)`` into N rows (0 stays padding), so tables stay
-    bounded whatever the vocabulary size.
+    bounded whatever the vocabulary size. Tables start N(0, ``emb_std``²) (``emb_init = normal``)
+    or Xavier-uniform (``xavier``, the papers' weight init, which shrinks a row by ~1/√vocab).
     """
 
     _GOLDEN = 0x9E3779B1  # multiplicative hashing constant (Knuth)
@@ -168,7 +169,10 @@ class FeatureLayer(nn.Module):
             tables[name] = nn.Embedding(size, cfg.emb_dim, padding_idx=0)
         self.tables = nn.ModuleDict(tables)
         for emb in self.tables.values():
-            nn.init.xavier_uniform_(emb.weight)
+            if cfg.emb_init == "xavier":
+                nn.init.xavier_uniform_(emb.weight)  # rows of norm ~ sqrt(2·D / vocab)
+            else:
+                nn.init.normal_(emb.weight, std=cfg.emb_std)  # rows of norm ~ emb_std·sqrt(D), any vocab
             with torch.no_grad():
                 emb.weight[0].zero_()
         self.behaviour_dim = 2 * cfg.emb_dim
