@@ -33,10 +33,22 @@ class DataConfig:
     # of the train split by impression time is held out. 0 = no validation split: the last epoch's
     # checkpoint is the one kept and reported (test metrics never choose anything).
     val_fraction: float = 0.1
+    # Input pipeline (raylsm.data.pipeline): one read+collate task per shard, rows shuffled in the task.
+    shuffle: bool = True  # seeded (train.seed) shard order and in-block row order, reseeded every epoch
+    narrow_ids: bool = True  # ids shipped in the narrowest dtype the vocabulary allows, widened on the device
+    block_rows: int = 8192  # rows per collated block (the in-task shuffle mixes this many rows)
+    task_cpus: float = 0.5  # CPUs each read task asks Ray for (<= the 0.5 CPU a training layout leaves)
+    read_concurrency: int = 0  # at most this many read tasks at once; 0 = as many as Ray Data's CPUs allow
 
     def validate(self) -> None:
         if self.st_len < 1 or self.ll_len < 1:
             raise ConfigError(f"data.st_len/ll_len: must be >= 1, got {self.st_len}/{self.ll_len}")
+        if self.block_rows < 1:
+            raise ConfigError(f"data.block_rows: must be >= 1, got {self.block_rows}")
+        if self.task_cpus <= 0:
+            raise ConfigError(f"data.task_cpus: must be > 0, got {self.task_cpus}")
+        if self.read_concurrency < 0:
+            raise ConfigError(f"data.read_concurrency: must be >= 0 (0 = no cap), got {self.read_concurrency}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
 
@@ -56,10 +68,15 @@ class TrainConfig:
     max_failures: int = 0
     keep_checkpoints: int = 2  # best N by validation AUC (the latest N without a validation split)
     early_stop_patience: int = 0  # stop after N epochs without a better validation AUC; 0 = off
-    shuffle_buffer: int = 4096  # local shuffle buffer (rows) per worker; 0 = off
+    shuffle_buffer: int = 0  # local shuffle buffer (rows) per worker on top of the in-task shuffle; 0 = off
     max_steps_per_epoch: int = 0  # 0 = the whole split
+    prefetch_batches: int = 2  # batches each worker prepares ahead of the step (Ray's background thread)
+    pin_memory: bool = True  # with a GPU: batches in pinned memory, copied to the device asynchronously
+    compile: bool = False  # torch.compile the model (in place; same checkpoints)
 
     def validate(self) -> None:
+        if self.prefetch_batches < 0:
+            raise ConfigError(f"train.prefetch_batches: must be >= 0, got {self.prefetch_batches}")
         for name in ("epochs", "batch_size", "eval_batch_size", "workers", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")

@@ -75,11 +75,12 @@ def train_epoch(
     rows = steps = 0
     start = time.perf_counter()
     for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
             logits, aux = model(batch)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"].float())  # Eq. (2)
-            total = loss + sum((weights[k] * v for k, v in aux.items()), torch.zeros((), device=device))
+        # The loss in fp32, outside autocast (no-op casts when the model ran in fp32).
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])  # Eq. (2)
+        total = loss + sum((weights[k] * v.float() for k, v in aux.items()), torch.zeros((), device=device))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -98,13 +99,30 @@ def train_epoch(
     return EpochStats(float(loss_sum) / denom, float(crp_sum) / denom, rows, seconds)
 
 
+_NARROW_IDS = (torch.int8, torch.int16, torch.int32, torch.uint8)
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Move a collated batch to ``device`` and widen narrow id tensors to int64 there.
+
+    The pipeline ships ids in the narrowest dtype their vocabulary allows; the models index
+    embeddings and hash ids in int64. Widening after the copy keeps the host-to-device transfer
+    narrow; masks (bool) and labels (float32) pass as they are. Non-blocking from pinned memory.
+    """
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device, non_blocking=True)
+        out[k] = v.long() if v.dtype in _NARROW_IDS else v
+    return out
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device) -> dict[str, np.ndarray]:
     """Logits, labels and users of every row of ``batches``."""
     model.eval()
     logits, labels, users = [], [], []
     for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device)
         out, _ = model(batch)
         logits.append(out.float())
         labels.append(batch["label"])
@@ -251,11 +269,41 @@ def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
 # ----------------------------------------------------------------------------- Ray Train worker
 
 
-def _torch_batches(shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int | None = None) -> Iterator:
+def _torch_batches(shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int | None = None,
+                   prefetch: int = 2, pin_memory: bool = True) -> Iterator:
+    """Batches of a Ray Data shard as tensors on ``device``.
+
+    Rows arrive collated and already shuffled by the read tasks (``raylsm.data.pipeline``), so
+    the consumer only slices blocks into batches and hands them over; ``prefetch`` batches are
+    prepared ahead in Ray's background thread, in pinned memory when the device is CUDA (so the
+    host-to-device copy is asynchronous). ``shuffle_buffer`` > 0 adds Ray's local shuffle buffer
+    (a copy of every row in this process: only for extra mixing across shards).
+    """
     kwargs = {}
     if shuffle_buffer:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
-    return shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=False, **kwargs)
+    batches = shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=False, prefetch_batches=prefetch,
+                                       pin_memory=pin_memory and device.type == "cuda", **kwargs)
+    return _mark_first_batch(batches) if _FIRST_BATCH_FILE in os.environ else batches
+
+
+_FIRST_BATCH_FILE = "RAYLSM_FIRST_BATCH_FILE"  # `raylsm bench startup`: where to note when the first batch arrives
+
+
+def _mark_first_batch(batches: Iterable) -> Iterator:
+    """Pass ``batches`` through; write the wall-clock time the first one arrived to $RAYLSM_FIRST_BATCH_FILE (once)."""
+    first = True
+    for batch in batches:
+        if first:
+            first = False
+            try:
+                fd = os.open(os.environ[_FIRST_BATCH_FILE], os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(repr(time.time()))
+        yield batch
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -271,6 +319,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(job.model, vocab)
+    if job.train.compile:
+        model.compile()  # in place: the module, its state_dict keys and DDP wrapping stay as they are
     optimizer = torch.optim.Adam(model.parameters(), lr=job.train.lr)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -301,7 +351,8 @@ def train_loop_per_worker(config: dict) -> None:
             stats = train_epoch(
                 model,
                 optimizer,
-                _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch),
+                _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch,
+                               job.train.prefetch_batches, job.train.pin_memory),
                 device,
                 max_steps=job.train.max_steps_per_epoch,
                 bf16=job.train.bf16,
@@ -311,7 +362,8 @@ def train_loop_per_worker(config: dict) -> None:
         for prefix, shard in (("val", val_shard), ("test", test_shard)):
             if shard is None:
                 continue
-            preds = gather_arrays(predict(model, _torch_batches(shard, job.train.eval_batch_size, device), device))
+            preds = gather_arrays(predict(model, _torch_batches(shard, job.train.eval_batch_size, device,
+                                                                prefetch=job.train.prefetch_batches), device))
             metrics.update({f"{prefix}_{k}": v for k, v in evaluate_arrays(preds["labels"], preds["logits"], preds["users"]).items()})
         rows, seconds = _global_throughput(stats.rows, stats.seconds, device)
         metrics.update(
@@ -418,6 +470,8 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
     spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
     device = torch.device("cuda" if job.train.use_gpu and torch.cuda.is_available() else "cpu")
     model = build_model(job.model, vocab).to(device)
+    if job.train.compile:
+        model.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=job.train.lr)
 
     def batches(split: str, size: int, seed: int | None) -> Iterator[dict[str, Tensor]]:

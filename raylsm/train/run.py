@@ -129,7 +129,10 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
     spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
 
     def source(src: SplitSource, shuffle_seed: int | None = None):
-        return read_split(job.data.path, src.split, spec, shuffle_seed=shuffle_seed, ts_range=src.ts_range)
+        return read_split(job.data.path, src.split, spec, job.data.block_rows,
+                          shuffle_seed=shuffle_seed if job.data.shuffle else None, ts_range=src.ts_range,
+                          task_cpus=job.data.task_cpus, concurrency=job.data.read_concurrency or None,
+                          narrow_ids=job.data.narrow_ids)
 
     datasets = {"train": source(plan.train, job.train.seed), "test": source(plan.test)}
     if plan.val is not None:
