@@ -14,6 +14,7 @@ one validated :class:`JobConfig`; unknown keys raise, naming the dotted key.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,7 @@ def resolve_job(
     if name not in PRESETS:
         where = f"{config_file}: key 'preset'" if config_file and not preset else "--model"
         raise ConfigError(f"{where}: unknown model {name!r} (choose from {', '.join(sorted(PRESETS))})")
-    raw["model"] = merge(PRESETS[name], raw.get("model") or {})
+    raw["model"] = merge(copy.deepcopy(PRESETS[name]), raw.get("model") or {})  # overrides must not edit the preset
     for dotted, value in (flags or {}).items():
         if value is not None:
             set_path(raw, dotted.split("."), value, JobConfig)

@@ -7,7 +7,9 @@ call; it returns the JSON-able result (``auc``, ``gauc``, ``logloss``,
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -26,16 +28,22 @@ DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (DESIGN §7)
 LOOPBACK = "127.0.0.1"
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one bound to loopback.
 
     Joining a cluster: the user's ``RAY_AUTH_MODE`` and token are used as they are (never forced off).
-    Starting one: every process of it (GCS, raylet, workers, agents) listens on 127.0.0.1 only, so nothing
-    outside this host can reach it. Ray turns a 127.0.0.1 node address into the host's external one while
-    multi-node support is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), which a one-node cluster does not need:
-    it is turned off for this process and the Ray processes it starts. ``RAY_AUTH_MODE`` defaults to
-    ``disabled`` for this loopback-only cluster (DESIGN §7: explicit, so behaviour doesn't flip once
-    ``~/.ray/auth_token`` exists); a user's setting wins.
+    Starting one: every process of it (GCS, raylet, workers, agents, dashboard) listens on 127.0.0.1 only,
+    so nothing outside this host can reach it. Ray turns a 127.0.0.1 node address into the host's external
+    one while multi-node support is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), which a one-node cluster
+    does not need: it is turned off for this process and the Ray processes it starts. ``RAY_AUTH_MODE``
+    defaults to ``disabled`` for this loopback-only cluster (DESIGN §7: explicit, so behaviour doesn't flip
+    once ``~/.ray/auth_token`` exists); a user's setting wins.
+
+    The dashboard runs (on loopback) because Ray Train's placement-group cleaner asks its state API
+    whether the training controller is alive; ``RAY_API_SERVER_ADDRESS`` names it, since with several Ray
+    instances on one host (other users, tests) address discovery fails and the cleaner logs a traceback
+    every few seconds. ``quiet`` (the demo): Ray's own INFO logs, the workers' output and Ray Data's
+    progress bars are not shown.
     """
     import ray
 
@@ -43,14 +51,36 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO)
         return
     import ray._private.ray_constants as ray_constants
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by the Ray processes started below
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, which may already have happened
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK)
+    dashboard_port = _free_loopback_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
+    if quiet:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        # A small machine runs the controller, its helpers, the workers and Ray Data's tasks at once: more
+        # Python workers than 4x the CPUs, which the raylet reports as a warning on the driver.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(4, 2 * (num_cpus or os.cpu_count() or 1))))
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host=LOOPBACK,
+        dashboard_port=dashboard_port,
+        _node_ip_address=LOOPBACK,
+        logging_level=logging.WARNING if quiet else logging.INFO,
+        log_to_driver=not quiet,
+    )
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 def check_cpu_budget(job: JobConfig) -> None:
@@ -176,11 +206,17 @@ def headline(metrics: dict) -> dict:
     return out
 
 
-def preflight(job: JobConfig) -> tuple:
-    """Every check that needs no cluster, before Ray starts: data, splits, storage, GPUs, tracking store."""
+def preflight(job: JobConfig, validated: bool = False) -> tuple:
+    """Every check that needs no cluster, before Ray starts: data, splits, storage, GPUs, tracking store.
+
+    ``validated``: the dataset was already validated by this process's caller (a tuning search checks it
+    once, not once per trial), so only its manifest is read.
+    """
+    from raylsm.data.contract import read_manifest
     from raylsm.train.tracking import check_store
 
-    manifest = validate_dataset(job.data.path)  # DESIGN §2: before anything starts
+    # DESIGN §2: the whole dataset is validated before anything starts.
+    manifest = read_manifest(job.data.path) if validated else validate_dataset(job.data.path)
     plan = plan_splits(job.data.path, manifest, job.data.val_fraction)
     check_storage(job.storage)
     check_local_gpus(job)
@@ -190,13 +226,13 @@ def preflight(job: JobConfig) -> tuple:
 
 
 def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=None,
-                 extra_tags: dict[str, str] | None = None) -> dict:
+                 extra_tags: dict[str, str] | None = None, validated: bool = False) -> dict:
     """Check, track, train; return the result dict (the CLI prints it as the final JSON line).
 
     Every check runs before the MLflow run is opened, so a run that never started leaves nothing in
     MLflow. The run ends FINISHED, FAILED (training raised) or KILLED (Ctrl-C / the tuner stopped it).
     """
-    manifest, plan, tracking_uri = preflight(job)
+    manifest, plan, tracking_uri = preflight(job, validated)
     vocab = Vocab.from_manifest(manifest)
     ensure_ray()
     check_cpu_budget(job)

@@ -188,11 +188,11 @@ def start_system_metrics(tracking_uri: str, run_id: str, interval: float = 10.0)
         return None
 
 
-def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    """Log the numeric metrics of one epoch at ``step``."""
+def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], step: int, timestamp_ms: int | None = None) -> None:
+    """Log the numeric metrics of one epoch at ``step``, stamped ``timestamp_ms`` (default now); raises if the store refuses."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     batch = [
         Metric(k, float(v), now, step)
         for k, v in metrics.items()
@@ -259,6 +259,58 @@ def finish_run(tracking_uri: str, run_id: str, metrics: dict[str, Any], tags: di
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     _client(tracking_uri).log_batch(run_id, metrics=batch, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def start_parent_run(tracking_uri: str, job, manifest, name: str, settings: dict, space: dict, space_file: Path) -> str:
+    """The parent run of a tuning search: settings as params, the space file and its parsed form as artifacts."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking.context.registry import resolve_tags
+
+    client = _client(tracking_uri)
+    tags = {"raylsm.search": name, "raylsm.kind": "search", "raylsm.dataset": manifest.name,
+            "raylsm.dataset_digest": manifest_digest(manifest), "raylsm.model": job.preset}
+    tags = resolve_tags(tags)
+    if "mlflow.source.git.commit" not in tags and (commit := _git_commit()):
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=tags, run_name=name)
+    run_id = run.info.run_id
+    params = [Param(f"search.{k}", str(v)[:6000]) for k, v in settings.items()]
+    params += [Param(f"space.{k}", json.dumps(v)[:6000]) for k, v in space.items()]
+    for i in range(0, len(params), _PARAM_CHUNK):
+        client.log_batch(run_id, params=params[i : i + _PARAM_CHUNK])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if k.startswith("raylsm.")])
+    client.log_artifact(run_id, str(space_file))
+    client.log_dict(run_id, space, "space.json")
+    return run_id
+
+
+def finish_parent_run(tracking_uri: str, run_id: str, summary: dict, table: list[dict]) -> None:
+    """The best trial's config (params ``best.<key>``) and metrics, trial counts, and the trials table."""
+    import csv
+    import io
+
+    from mlflow.entities import Metric, Param
+
+    client = _client(tracking_uri)
+    now = int(time.time() * 1000)
+    best = summary.get("best") or {}
+    existing = client.get_run(run_id).data.params
+    params = [Param(f"best.{k}", str(v)[:6000]) for k, v in (best.get("config") or {}).items()
+              if f"best.{k}" not in existing]  # a resumed search keeps the params it logged first
+    metrics = [Metric(f"best_{k}", float(v), now, 0) for k, v in best.items()
+               if k in ("auc", "gauc", "logloss", "val_auc") and isinstance(v, (int, float))]
+    metrics += [Metric(f"trials_{k}", float(v), now, 0) for k, v in summary.get("counts", {}).items()]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    if best.get("mlflow_run_id"):
+        client.set_tag(run_id, "raylsm.best_run_id", best["mlflow_run_id"])
+    client.log_dict(run_id, summary, "best.json")
+    if table:
+        buf = io.StringIO()
+        keys = sorted({k for row in table for k in row}, key=lambda k: (k.startswith("param."), k))
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(table)
+        client.log_text(run_id, buf.getvalue(), "trials.csv")
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:

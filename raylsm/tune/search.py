@@ -1,0 +1,378 @@
+"""``raylsm tune``: Ray Tune over real distributed trainings, every trial a child MLflow run.
+
+The search (DESIGN §1, §5):
+
+1. **Before Ray**: the space file is loaded and checked (:mod:`raylsm.tune.space`), the dataset
+   validated once, the storage, GPUs and tracking store checked.
+2. **Parent run**: the driver opens one MLflow run per search: the space file as an artifact,
+   the searcher/scheduler settings as params. A resumed search reopens the same parent run.
+3. **Trials**: the Tune trainable :func:`tune_trial` builds and fits the same ``TorchTrainer``
+   that ``raylsm train`` uses (Ray Data, checkpoints, the MLflow record) with the trial's
+   config; its MLflow run is a child of the parent (``mlflow.parentRunId``). Ray's
+   ``TuneReportCallback`` hands each epoch's metrics to Tune, so ``ASHAScheduler`` stops weak
+   trials after ``grace_period`` epochs. The inner Ray Train run is named after the trial id,
+   so a trial restarted by ``--resume`` continues from its last checkpoint.
+4. **Searcher**: ``OptunaSearch`` (TPE, seeded) under a concurrency limit, or Tune's basic
+   variant generator for ``random`` and ``grid``.
+5. **Reconcile**: when the search ends, stops or fails, every child run still RUNNING (a trial
+   ASHA stopped kills its trainer, so the run cannot end itself) is ended KILLED and tagged
+   ``raylsm.trial_status=stopped_by_scheduler``; finished ones are tagged ``completed``, failed
+   ones ``failed``. The parent gets the best trial's config and metrics and a trials table.
+
+Resources: each trial's driver reserves ``TRIAL_CPU`` and its workers ``train.cpus_per_worker``
+(``train.gpus_per_worker`` with ``--gpu``); ``concurrency`` trials together must leave
+``DATA_CPU_RESERVE`` CPUs for Ray Data, or the search is refused before it starts (without an
+explicit ``train.cpus_per_worker`` the worker CPU is sized to fit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylsm.config import ConfigError
+from raylsm.tune.space import Space, describe, load_space, trial_job
+
+TRIAL_CPU = 0.1  # the trial function only waits on its TorchTrainer (whose controller takes 0 CPU)
+STATE_FILE = "raylsm-search.json"
+
+
+@dataclass
+class SearchRequest:
+    """What ``raylsm tune`` was asked for (CLI flags; None = the space file's value)."""
+
+    space: str
+    data: str | None = None
+    trials: int | None = None
+    concurrency: int | None = None
+    workers_per_trial: int | None = None
+    gpu: bool = False
+    searcher: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    experiment: str | None = None
+    tracking_uri: str | None = None
+    storage: str | None = None
+    name: str | None = None
+    resume: bool = False
+
+
+def _flags(req: SearchRequest) -> dict[str, Any]:
+    return {
+        "data.path": req.data,
+        "train.workers": req.workers_per_trial,
+        "train.use_gpu": True if req.gpu else None,
+        "mlflow.experiment": req.experiment,
+        "mlflow.tracking_uri": req.tracking_uri,
+        "storage": req.storage,
+    }
+
+
+def _explicit(space: Space, overrides: list[str], key: str) -> bool:
+    return key in space.file.fixed or key in space.dists or any(o.split("=", 1)[0].strip() == key for o in overrides)
+
+
+def fit_resources(space: Space, req: SearchRequest, job, concurrency: int, total_cpus: float) -> list[str]:
+    """Extra ``--set`` overrides that size the worker CPU so ``concurrency`` trials fit; or a one-line error."""
+    from raylsm.train.run import DATA_CPU_RESERVE
+
+    workers = job.train.workers
+    usable = total_cpus - DATA_CPU_RESERVE
+    per_trial = TRIAL_CPU + workers * job.train.cpus_per_worker
+    if concurrency * per_trial <= usable + 1e-9:
+        return []
+    if not _explicit(space, req.overrides, "train.cpus_per_worker"):
+        cpw = math.floor((usable / concurrency - TRIAL_CPU) / workers * 20) / 20  # multiples of 0.05
+        if cpw >= 0.25:
+            print(f"raylsm tune: train.cpus_per_worker={cpw:g} so that {concurrency} concurrent trials x {workers} "
+                  f"workers leave {DATA_CPU_RESERVE} of {total_cpus:g} CPUs to Ray Data", file=sys.stderr)
+            return [f"train.cpus_per_worker={cpw}"]
+    raise ConfigError(
+        f"--concurrency {concurrency}: {concurrency} trials x ({TRIAL_CPU} + {workers} workers x "
+        f"{job.train.cpus_per_worker:g} CPU) do not fit the cluster's {total_cpus:g} CPUs with {DATA_CPU_RESERVE} "
+        "left for Ray Data; lower --concurrency, --workers-per-trial or train.cpus_per_worker"
+    )
+
+
+# ----------------------------------------------------------------------------- the trainable
+
+
+def tune_trial(config: dict, *, space_path: str, searcher: str, overrides: list[str], flags: dict,
+               parent_run_id: str, search_name: str, trials_storage: str) -> None:
+    """One trial: the sampled config -> a full ``run_training`` whose epochs Tune sees."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raylsm.train.run import run_training
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    space = load_space(space_path, searcher, overrides)
+    job = trial_job(space, config, overrides, {**flags, "storage": trials_storage, "name": f"trial-{trial_id}"})
+    job.mlflow.run_name = f"{search_name}/{trial_id}"
+    run_training(job, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], validated=True,
+                 extra_tags={"raylsm.trial_id": trial_id, "raylsm.search": search_name,
+                             "raylsm.trial_config": json.dumps(config, sort_keys=True)})
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _progress_callback(metric: str, mode: str, total: int):
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """One stderr line per trial event: finished/running counts and the best value so far."""
+
+        def __init__(self) -> None:
+            self.best: tuple[float, str] | None = None
+            self.done = 0
+
+        def _line(self, trials, what: str) -> None:
+            running = sum(t.status == "RUNNING" for t in trials)
+            best = f"best {metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"best {metric} -"
+            print(f"[tune] {self.done}/{total} done, {running} running | {what} | {best}", file=sys.stderr, flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(metric)
+            if isinstance(value, (int, float)) and value == value:
+                if self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0]):
+                    self.best = (float(value), trial.trial_id)
+            self._line(trials, f"{trial.trial_id} epoch {result.get('epoch')} {metric}={value}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            self._line(trials, f"{trial.trial_id} ended")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            self._line(trials, f"{trial.trial_id} failed")
+
+    return Progress()
+
+
+# ----------------------------------------------------------------------------- MLflow parent and children
+
+
+def _children(client, experiment_id: str, parent_run_id: str) -> list:
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=5000)
+
+
+def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str, search_done: bool) -> dict[str, str]:
+    """End every child run still RUNNING; tag each with how its trial ended. Returns {run_id: status tag}."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out = {}
+    for run in _children(client, experiment_id, parent_run_id):
+        status = run.info.status
+        if status == "RUNNING":
+            # The search is over: a trial still RUNNING was stopped by the scheduler (its trainer killed
+            # before it could end its run), or the search itself was interrupted.
+            tag = "stopped_by_scheduler" if search_done else "interrupted"
+            client.set_terminated(run.info.run_id, status="KILLED")
+        elif status == "FINISHED":
+            tag = "completed"
+        elif status == "KILLED":
+            tag = run.data.tags.get("raylsm.trial_status", "interrupted")
+        else:
+            tag = "failed"
+        client.set_tag(run.info.run_id, "raylsm.trial_status", tag)
+        out[run.info.run_id] = tag
+    return out
+
+
+def _trials_table(client, runs: list, metric: str) -> list[dict]:
+    rows = []
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, metric)
+        values = [m.value for m in history if m.value == m.value]
+        row = {"trial_id": run.data.tags.get("raylsm.trial_id", ""), "mlflow_run_id": run.info.run_id,
+               "status": run.data.tags.get("raylsm.trial_status", run.info.status),
+               "epochs": len(history), f"best_{metric}": (max(values) if values else float("nan")),
+               **{k: run.data.metrics.get(k) for k in ("auc", "gauc", "logloss", "val_auc")}}
+        row.update({f"param.{k}": v for k, v in json.loads(run.data.tags.get("raylsm.trial_config", "{}")).items()})
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def _search_dir(storage: Path, space: Space, name: str | None, resume: bool) -> tuple[str, Path]:
+    if name:
+        return name, storage / name
+    if resume:
+        candidates = sorted((p for p in storage.glob(f"{space.path.stem}-*") if (p / STATE_FILE).is_file()),
+                            key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"--resume: no search of {space.path.name} under {storage} to resume (give --name)")
+        return candidates[-1].name, candidates[-1]
+    name = f"{space.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return name, storage / name
+
+
+def run_search(req: SearchRequest) -> dict:
+    """Run (or resume) a search; return the JSON-able summary printed as the last stdout line."""
+    from raylsm.train.run import check_storage, ensure_ray, preflight
+
+    space = load_space(req.space, req.searcher, req.overrides)  # before any Ray work
+    f = space.file
+    searcher = req.searcher or f.searcher.kind
+    trials = req.trials or f.trials
+    concurrency = req.concurrency or f.concurrency
+    if trials < 1 or concurrency < 1:
+        raise ConfigError(f"--trials/--concurrency: must be >= 1, got {trials}/{concurrency}")
+    flags = _flags(req)
+    probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, req.overrides, flags)
+    manifest, _, tracking_uri = preflight(probe)
+    storage = check_storage(probe.storage)
+    name, search_dir = _search_dir(storage, space, req.name, req.resume)
+    state_path = search_dir / STATE_FILE
+    if req.resume and not state_path.is_file():
+        raise ConfigError(f"--resume: {search_dir} holds no search to resume")
+    if not req.resume and state_path.is_file():
+        raise ConfigError(f"--name {name}: a search of that name exists under {storage}; add --resume or pick another name")
+
+    ensure_ray()
+    import ray
+
+    overrides = list(req.overrides)
+    overrides += fit_resources(space, req, probe, concurrency, ray.cluster_resources().get("CPU", 0.0))
+    probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, overrides, flags)
+    from raylsm.train.run import check_cluster_gpus
+
+    check_cluster_gpus(probe)
+
+    from mlflow.tracking import MlflowClient
+
+    from raylsm.train.tracking import experiment_id, start_parent_run
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp_id = experiment_id(tracking_uri, probe.mlflow.experiment)
+    settings = space.settings(searcher, trials, concurrency)
+    if req.resume:
+        state = json.loads(state_path.read_text())
+        parent_run_id = state["parent_run_id"]
+        client.update_run(parent_run_id, status="RUNNING")
+        print(f"raylsm tune: resuming {name} (MLflow parent run {parent_run_id})", file=sys.stderr)
+    else:
+        parent_run_id = start_parent_run(tracking_uri, probe, manifest, name, settings, describe(space), space.path)
+        search_dir.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps({"parent_run_id": parent_run_id, "space": str(space.path.resolve()),
+                                          "settings": settings}, indent=2))
+    search_done = False
+    status = "FAILED"
+    try:
+        results = _fit(space, req, searcher, trials, concurrency, overrides, flags, parent_run_id, name, storage,
+                       search_dir, probe.train.epochs, probe.train.use_gpu, probe.train.gpus_per_worker)
+        search_done = True
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tags = reconcile_children(tracking_uri, exp_id, parent_run_id, search_done)
+        if not search_done:
+            client.set_terminated(parent_run_id, status=status)
+    summary = _summarise(client, exp_id, parent_run_id, space, results, tags)
+    from raylsm.train.tracking import finish_parent_run
+
+    finish_parent_run(tracking_uri, parent_run_id, summary, _trials_table(client, _children(client, exp_id, parent_run_id),
+                                                                         f.metric))
+    client.set_terminated(parent_run_id, status="FINISHED")
+    summary.update(parent_run_id=parent_run_id, storage=str(search_dir), name=name, tracking_uri=_redact(tracking_uri))
+    return summary
+
+
+def _redact(uri: str) -> str:
+    from raylsm.train.tracking import redact_uri
+
+    return redact_uri(uri)
+
+
+def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurrency: int, overrides: list[str],
+         flags: dict, parent_run_id: str, name: str, storage: Path, search_dir: Path, epochs: int, gpu: bool,
+         gpus_per_worker: float):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    f = space.file
+    trainable = tune.with_parameters(
+        tune_trial, space_path=str(space.path.resolve()), searcher=searcher, overrides=overrides, flags=flags,
+        parent_run_id=parent_run_id, search_name=name, trials_storage=str(search_dir / "trials"),
+    )
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
+    if req.resume:
+        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+        return tuner.fit()
+    if f.scheduler.kind == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(epochs, 1),
+                                  grace_period=min(f.scheduler.grace_period, max(epochs, 1)),
+                                  reduction_factor=f.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if searcher == "optuna":
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        search_alg = ConcurrencyLimiter(
+            OptunaSearch(sampler=optuna.samplers.TPESampler(seed=f.searcher.seed), seed=f.searcher.seed),
+            max_concurrent=concurrency,
+        )
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=f.searcher.seed, max_concurrent=concurrency)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space.param_space(searcher),
+        tune_config=tune.TuneConfig(metric=f.metric, mode=f.mode, num_samples=trials, scheduler=scheduler,
+                                    search_alg=search_alg, max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                  callbacks=[_progress_callback(f.metric, f.mode, _expected(space, searcher, trials))]),
+    )
+    return tuner.fit()
+
+
+def _expected(space: Space, searcher: str, trials: int) -> int:
+    return trials * space.grid_size() if searcher == "grid" else trials
+
+
+def _summarise(client, exp_id: str, parent_run_id: str, space: Space, results, tags: dict[str, str]) -> dict:
+    """Best trial (by the space's metric over every epoch), its config and headline metrics, and counts."""
+    f = space.file
+    runs = _children(client, exp_id, parent_run_id)
+    best_run, best_value = None, None
+    for run in runs:
+        values = [m.value for m in client.get_metric_history(run.info.run_id, f.metric) if m.value == m.value]
+        if not values:
+            continue
+        value = max(values) if f.mode == "max" else min(values)
+        if best_value is None or (value > best_value if f.mode == "max" else value < best_value):
+            best_run, best_value = run, value
+    counts = {"finished": 0, "stopped": 0, "failed": 0, "interrupted": 0}
+    for tag in tags.values():
+        key = {"completed": "finished", "stopped_by_scheduler": "stopped", "failed": "failed"}.get(tag, "interrupted")
+        counts[key] += 1
+    trial_ids = {r.data.tags.get("raylsm.trial_id") for r in runs}
+    counts["trials"] = len(trial_ids)
+    errors = sum(1 for r in results if r.error is not None)
+    counts["errored_in_tune"] = errors
+    if best_run is None:
+        return {"best": None, "counts": counts, "metric": f.metric, "mode": f.mode}
+    config = json.loads(best_run.data.tags.get("raylsm.trial_config", "{}"))
+    best = {"config": config, f"best_{f.metric}": best_value, "trial_id": best_run.data.tags.get("raylsm.trial_id"),
+            "mlflow_run_id": best_run.info.run_id, "status": tags.get(best_run.info.run_id, best_run.info.status)}
+    for k in ("auc", "gauc", "logloss", "val_auc", "best_epoch"):
+        best[k] = best_run.data.metrics.get(k)
+    return {"best": best, "counts": counts, "metric": f.metric, "mode": f.mode}

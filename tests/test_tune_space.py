@@ -1,0 +1,102 @@
+"""Search-space files: every shipped one loads; each kind of mistake is one line naming the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raylsm.cli import main
+from raylsm.config import ConfigError
+from raylsm.tune.space import _yaml_scalar, expand, grid_points, load_space, trial_job
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "tune_spaces").glob("*.yaml"))
+
+
+def test_the_three_spaces_ship():
+    assert {p.stem for p in SHIPPED} >= {"lcn", "cain", "backbones"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_space_is_valid(path: Path):
+    space = load_space(path)
+    assert space.dists, path
+    for params in grid_points(space)[:50]:  # every grid/choice combination resolves to a valid job
+        trial_job(space, params, [])
+
+
+def test_lcn_space_covers_the_issue():
+    space = load_space(ROOT / "tune_spaces/lcn.yaml")
+    d = space.dists
+    assert d["model.crp.weight"].kind == "loguniform" and d["model.crp.weight"].values == [0.01, 5.0]
+    assert d["model.crp.m"].kind == "int" and d["model.crp.m"].log and d["model.crp.m"].values == [64, 4096]
+    for key in ("model.crp.tau", "model.crp.lambda_pt", "model.crp.lambda_ps", "model.crp.lambda_pc",
+                "model.lap.k1", "model.lap.k2", "model.lap.heads", "train.lr"):
+        assert key in d
+
+
+def test_cain_bundles_keep_every_combination_valid():
+    space = load_space(ROOT / "tune_spaces/cain.yaml")
+    job = trial_job(space, {"peg": "concat", "context": "gru", "model.context.cl": 9}, [])
+    assert job.model.context.kind == "gru" and not job.model.peg.enabled and not job.model.msia.enabled
+    job = trial_job(space, {"peg": "sum", "context": "tcn", "model.context.cl": 15}, [])
+    assert job.model.context.kind == "tcn" and job.model.peg.enabled and job.model.peg.aggregation == "sum"
+    assert job.model.context.cl == 15
+    assert expand(space, {"peg": "none"}) == {"model.peg.enabled": False}
+
+
+def test_backbones_grid_is_the_substitution_table():
+    space = load_space(ROOT / "tune_spaces/backbones.yaml")
+    points = grid_points(space)
+    assert len(points) == 6 * 4 * 3
+    job = trial_job(space, {"model.lifelong": "twin", "enhancement": "crp", "train.seed": 2}, [])
+    assert job.model.lifelong == "twin" and job.model.crp.enabled and job.train.seed == 2
+
+
+def test_floats_survive_the_override_round_trip():
+    for v in (1e-8, 0.001, 5.0, 2.5e-05):
+        assert float(_yaml_scalar(v)) == v
+    space = load_space(ROOT / "tune_spaces/lcn.yaml")
+    assert trial_job(space, {"train.lr": 1e-8}, []).train.lr == 1e-8
+
+
+BAD = {
+    "unknown top-level key": ("base: lcn\nsearch: optuna\nparams: {train.lr: {uniform: [0.1, 0.2]}}\n", "key search"),
+    "not a config key": ("base: lcn\nparams: {model.lap.k9: {choice: [1, 2]}}\n", "'params.model.lap.k9'"),
+    "inverted range": ("base: lcn\nparams: {train.lr: {loguniform: [0.1, 0.01]}}\n", "'params.train.lr': loguniform: low must be < high"),
+    "log of zero": ("base: lcn\nparams: {model.crp.m: {int: [0, 64], log: true}}\n", "'params.model.crp.m': int: a log scale needs low > 0"),
+    "two kinds": ("base: lcn\nparams: {train.lr: {uniform: [0.1, 0.2], choice: [1]}}\n", "'params.train.lr': needs exactly one of"),
+    "unknown kind": ("base: lcn\nparams: {train.lr: {normal: [0, 1]}}\n", "'params.train.lr': normal: unknown distribution"),
+    "bad value": ("base: lcn\nparams: {model.lap.k1: {choice: [100, -5]}}\n", "'params.model.lap.k1': model.lap.k1"),
+    "bad corner": ("base: lcn\nparams: {model.lap.k1: {choice: [60, 100]}, model.lap.k2: {choice: [5, 150]}}\n", "highest values"),
+    "unknown preset": ("base: nope\nparams: {}\n", "key 'base'"),
+    "grid of a range": ("base: lcn\nsearcher: {kind: grid}\nparams: {train.lr: {uniform: [0.1, 0.2]}}\n", "cannot be enumerated"),
+    "bad metric": ("base: lcn\nmetric: auc_test\nparams: {}\n", "key 'metric'"),
+    "bad scheduler": ("base: lcn\nscheduler: {kind: asha, reduction_factor: 1}\nparams: {}\n", "reduction_factor"),
+    "missing label": ("base: lcn\nparams: {ctx: {choice: [a, b]}}\nbundles: {ctx: {a: {model.context.kind: tcn}}}\n", "no label 'b'"),
+    "bundle of bad key": ("base: lcn\nparams: {ctx: {choice: [a]}}\nbundles: {ctx: {a: {model.nope: 1}}}\n", "model.nope"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_space_is_one_line_naming_file_and_key(tmp_path: Path, case: str):
+    text, expected = BAD[case]
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_space(path)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and expected in message, message
+
+
+def test_cli_bad_space_fails_before_ray(tmp_path: Path, capsys):
+    import ray
+
+    path = tmp_path / "space.yaml"
+    path.write_text("base: lcn\nparams: {model.lap.k9: {choice: [1, 2]}}\n")
+    assert main(["tune", "--space", str(path), "--data", str(tmp_path / "nodata"), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.lap.k9" in err[0] and str(path) in err[0]
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()
