@@ -119,6 +119,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``raylsm tune`` and ``python -m jobs.tune``."""
+    p.add_argument("--space", required=True, help="search-space YAML (see tune_spaces/*.yaml)")
+    p.add_argument("--data", help="dataset directory (manifest.json + train/ test/)")
+    p.add_argument("--trials", type=int, help="trials to sample (grid: repeats of the grid); default: the space file's")
+    p.add_argument("--concurrency", type=int, help="trials running at once; default: the space file's")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers of each trial")
+    p.add_argument("--gpu", action="store_true", help="each trial's workers get train.gpus_per_worker GPUs (fractions share)")
+    p.add_argument("--searcher", choices=["optuna", "random", "grid"], help="default: the space file's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config key for every trial, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--storage", help="where the search and its trials' checkpoints live (default ./runs)")
+    p.add_argument("--name", help="search name (default: <space>-<time>); with --resume, which search to continue")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search (the named one, else the latest of this space) without re-running finished trials")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raylsm.tune.search import SearchRequest, run_search
+
+    req = SearchRequest(space=args.space, data=args.data, trials=args.trials, concurrency=args.concurrency,
+                        workers_per_trial=args.workers_per_trial, gpu=args.gpu, searcher=args.searcher,
+                        overrides=args.overrides, experiment=args.experiment, tracking_uri=args.tracking_uri,
+                        storage=args.storage, name=args.name, resume=args.resume)
+    emit(run_search(req))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raylsm.train.evaluate import evaluate_checkpoint
 
@@ -178,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with Ray Train")
     add_train_args(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune (each trial a Ray Train run and a child MLflow run)")
+    add_tune_args(p)
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("eval", help="AUC, GAUC and logloss of a checkpoint on a dataset's test split")
     p.add_argument("--checkpoint", required=True)
