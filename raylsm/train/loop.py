@@ -218,54 +218,6 @@ def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
     return [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
 
 
-def restore_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load weights, optimizer state and the torch RNG state of a checkpoint; return the epoch to start at."""
-    state, _ = load_checkpoint(directory)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"]) + 1
-
-
-def _meta_batch(b: int, st_len: int, ll_len: int, profile_fields: int) -> dict[str, Tensor]:
-    """A collated batch (see ``raylsm.data.collate``) of shape-only tensors on the meta device."""
-    def ids(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=torch.int64, device="meta")
-
-    def mask(*shape: int) -> Tensor:
-        return torch.ones(shape, dtype=torch.bool, device="meta")
-
-    batch = {"user_id": ids(b), "item_id": ids(b), "item_cate": ids(b), "profile": ids(b, profile_fields),
-             "label": torch.zeros(b, device="meta")}
-    for name in ("st_tgt", "st_src"):
-        batch.update({f"{name}_items": ids(b, st_len), f"{name}_cates": ids(b, st_len), f"{name}_mask": mask(b, st_len)})
-    batch.update(ll_items=ids(b, ll_len), ll_cates=ids(b, ll_len), ll_ctx=ids(b, ll_len), ll_gap=ids(b, ll_len),
-                 ll_mask=mask(b, ll_len))
-    return batch
-
-
-def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
-    """Names of the parameters that the model of ``job`` never uses to compute its loss.
-
-    Found with one forward and backward of a copy of the model on the meta device (no memory, no
-    random numbers drawn): where that runs, the graph cannot depend on the data's values, so the set is
-    the same for every batch. DDP needs ``find_unused_parameters=True`` exactly when it is not empty
-    (it otherwise stops at the second step waiting for their gradients); the flag costs a graph walk
-    per step, so it is only paid then. A model whose forward does not run on meta counts as having
-    unused parameters (safe, slower).
-    """
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        probe = build_model(job.model, vocab)
-    probe.train()
-    try:
-        logits, aux = probe(_meta_batch(2, job.data.st_len, job.data.ll_len, len(vocab.profile)))
-        loss = logits.float().sum() + sum((v.float().sum() for v in aux.values()), torch.zeros((), device="meta"))
-        loss.backward()
-    except Exception:  # data-dependent control flow: cannot tell from shapes alone
-        return [name for name, _ in probe.named_parameters()]
-    return [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
-
-
 # ----------------------------------------------------------------------------- Ray Train worker
 
 
@@ -386,6 +338,8 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 print(f"early stop after epoch {epoch}: no better val_auc for {job.train.early_stop_patience} epochs", file=sys.stderr)
             break
+    if logger is not None:
+        logger.finish()
     if monitor is not None:
         monitor.finish()
 
@@ -445,17 +399,72 @@ def _global_throughput(rows: int, seconds: float, device: torch.device) -> tuple
     return int(rows_t.item()), float(secs_t.item())
 
 
-def _rank_zero_logger(config: dict) -> Callable[[dict, int], None] | None:
-    """Per-epoch metrics into the driver-created MLflow run (DESIGN §5: rank 0 only)."""
+class EpochLogger:
+    """Per-epoch metrics into the driver-created MLflow run (DESIGN §5: rank 0 only), never stopping training.
+
+    An epoch whose metrics the store does not take (unreachable, read-only, ...) is kept, with the time it
+    was measured, and the outage is reported in one line on stderr; each later epoch first logs what is
+    kept, so the record is whole again once the store is back. :meth:`finish` tries a few more times and
+    names, in one line, the epochs that could not be logged (their metrics stay in the checkpoints' job.json).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, finish_attempts: int = 3, finish_wait_s: float = 2.0):
+        from raylsm.train.tracking import redact_uri
+
+        self.uri, self.run_id = tracking_uri, run_id
+        self.shown_uri = redact_uri(tracking_uri)
+        self.finish_attempts, self.finish_wait_s = finish_attempts, finish_wait_s
+        self.pending: list[tuple[int, dict, int]] = []  # (epoch, metrics, measured at ms)
+        self.failing: str | None = None  # the first line of the current outage's error
+        # One quick try per epoch against an HTTP store: MLflow's default retries would hold up training for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+    def __call__(self, metrics: dict, epoch: int) -> None:
+        self.pending.append((epoch, dict(metrics), int(time.time() * 1000)))
+        self._flush()
+
+    def _flush(self) -> bool:
+        from raylsm.train.tracking import log_epoch_metrics
+
+        while self.pending:
+            epoch, metrics, at_ms = self.pending[0]
+            try:
+                log_epoch_metrics(self.uri, self.run_id, metrics, epoch, timestamp_ms=at_ms)
+            except Exception as e:  # any store failure: keep the metrics, keep training
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                if self.failing is None:
+                    print(f"raylsm: MLflow store {self.shown_uri} unreachable ({reason}); metrics of epoch(s) "
+                          f"{self.epochs()} kept to log when it is back", file=sys.stderr, flush=True)
+                self.failing = reason
+                return False
+            self.pending.pop(0)
+        if self.failing is not None:
+            print(f"raylsm: MLflow store {self.shown_uri} reachable again; kept metrics logged", file=sys.stderr, flush=True)
+            self.failing = None
+        return True
+
+    def epochs(self) -> list[int]:
+        return [epoch for epoch, _, _ in self.pending]
+
+    def finish(self) -> list[int]:
+        """Last attempts at what is kept; returns (and names in one line) the epochs still not logged."""
+        for attempt in range(self.finish_attempts):
+            if self._flush():
+                return []
+            if attempt + 1 < self.finish_attempts:
+                time.sleep(self.finish_wait_s)
+        print(f"raylsm: metrics of epoch(s) {self.epochs()} could not be logged to MLflow run {self.run_id} at "
+              f"{self.shown_uri} ({self.failing}); they are in the checkpoints' job.json", file=sys.stderr, flush=True)
+        return self.epochs()
+
+
+def _rank_zero_logger(config: dict) -> EpochLogger | None:
+    """Per-epoch metrics into the driver-created MLflow run (DESIGN §5: rank 0 only); None when not tracked."""
     run_id = config.get("mlflow_run_id")
     if not run_id:
         return None
-    from raylsm.train.tracking import log_epoch_metrics
-
-    def log(metrics: dict, epoch: int) -> None:
-        log_epoch_metrics(config["tracking_uri"], run_id, metrics, epoch)
-
-    return log
+    return EpochLogger(config["tracking_uri"], run_id)
 
 
 # ----------------------------------------------------------------------------- in-process path
