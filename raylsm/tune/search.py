@@ -19,14 +19,15 @@ The search (DESIGN §1, §5):
    ``raylsm.trial_status=stopped_by_scheduler``; finished ones are tagged ``completed``, failed
    ones ``failed``. The parent gets the best trial's config and metrics and a trials table.
 
-Resources: each trial's driver reserves ``TRIAL_CPU`` and its workers ``train.cpus_per_worker``
-(``train.gpus_per_worker`` with ``--gpu``); ``concurrency`` trials together must leave
-``DATA_CPU_RESERVE`` CPUs for Ray Data, or the search is refused before it starts (without an
-explicit ``train.cpus_per_worker`` the worker CPU is sized to fit).
+Resources: each trial reserves ``data.task_cpus`` for its driver and its Ray Data tasks (Tune's
+placement group captures them) and its workers ``train.cpus_per_worker`` (``train.gpus_per_worker``
+with ``--gpu``); ``concurrency`` trials together must fit the cluster, or the search is refused
+before it starts (without an explicit ``train.cpus_per_worker`` the worker CPU is sized to fit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,7 +40,9 @@ from typing import Any
 from raylsm.config import ConfigError
 from raylsm.tune.space import Space, describe, load_space, trial_job
 
-TRIAL_CPU = 0.1  # the trial function only waits on its TorchTrainer (whose controller takes 0 CPU)
+# A trial is a Tune actor in a placement group that captures its child tasks: the TorchTrainer's
+# controller (0 CPU) and Ray Data's read tasks run inside the trial's bundle (the workers get their
+# own). So the bundle holds ``data.task_cpus`` for Ray Data; with less, reads never start.
 STATE_FILE = "raylsm-search.json"
 
 
@@ -79,23 +82,20 @@ def _explicit(space: Space, overrides: list[str], key: str) -> bool:
 
 def fit_resources(space: Space, req: SearchRequest, job, concurrency: int, total_cpus: float) -> list[str]:
     """Extra ``--set`` overrides that size the worker CPU so ``concurrency`` trials fit; or a one-line error."""
-    from raylsm.train.run import DATA_CPU_RESERVE
-
-    workers = job.train.workers
-    usable = total_cpus - DATA_CPU_RESERVE
-    per_trial = TRIAL_CPU + workers * job.train.cpus_per_worker
-    if concurrency * per_trial <= usable + 1e-9:
+    workers, trial_cpu = job.train.workers, job.data.task_cpus
+    per_trial = trial_cpu + workers * job.train.cpus_per_worker
+    if concurrency * per_trial <= total_cpus + 1e-9:
         return []
     if not _explicit(space, req.overrides, "train.cpus_per_worker"):
-        cpw = math.floor((usable / concurrency - TRIAL_CPU) / workers * 20) / 20  # multiples of 0.05
+        cpw = math.floor((total_cpus / concurrency - trial_cpu) / workers * 20) / 20  # multiples of 0.05
         if cpw >= 0.25:
-            print(f"raylsm tune: train.cpus_per_worker={cpw:g} so that {concurrency} concurrent trials x {workers} "
-                  f"workers leave {DATA_CPU_RESERVE} of {total_cpus:g} CPUs to Ray Data", file=sys.stderr)
+            print(f"raylsm tune: train.cpus_per_worker={cpw:g} so that {concurrency} concurrent trials x ({trial_cpu:g} "
+                  f"+ {workers} workers) fit {total_cpus:g} CPUs", file=sys.stderr)
             return [f"train.cpus_per_worker={cpw}"]
     raise ConfigError(
-        f"--concurrency {concurrency}: {concurrency} trials x ({TRIAL_CPU} + {workers} workers x "
-        f"{job.train.cpus_per_worker:g} CPU) do not fit the cluster's {total_cpus:g} CPUs with {DATA_CPU_RESERVE} "
-        "left for Ray Data; lower --concurrency, --workers-per-trial or train.cpus_per_worker"
+        f"--concurrency {concurrency}: {concurrency} trials x (data.task_cpus {trial_cpu:g} + {workers} workers x "
+        f"{job.train.cpus_per_worker:g} CPU) do not fit the cluster's {total_cpus:g} CPUs; lower --concurrency, "
+        "--workers-per-trial, train.cpus_per_worker or data.task_cpus"
     )
 
 
@@ -163,19 +163,24 @@ def _children(client, experiment_id: str, parent_run_id: str) -> list:
                               max_results=5000)
 
 
-def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str, search_done: bool) -> dict[str, str]:
-    """End every child run still RUNNING; tag each with how its trial ended. Returns {run_id: status tag}."""
+def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str,
+                       tune_status: dict[str, str]) -> dict[str, str]:
+    """End every child run still RUNNING; tag each with how its trial ended. Returns {run_id: status tag}.
+
+    ``tune_status``: Tune's final status per trial id (``TERMINATED``, ``ERROR``; anything else means
+    the search was interrupted before the trial ended). A child still RUNNING whose trial Tune
+    terminated was stopped by the scheduler: ASHA kills the trial's trainer, which cannot end its run.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     out = {}
     for run in _children(client, experiment_id, parent_run_id):
         status = run.info.status
+        trial = tune_status.get(run.data.tags.get("raylsm.trial_id", ""), "")
         if status == "RUNNING":
-            # The search is over: a trial still RUNNING was stopped by the scheduler (its trainer killed
-            # before it could end its run), or the search itself was interrupted.
-            tag = "stopped_by_scheduler" if search_done else "interrupted"
-            client.set_terminated(run.info.run_id, status="KILLED")
+            tag = {"TERMINATED": "stopped_by_scheduler", "ERROR": "failed"}.get(trial, "interrupted")
+            client.set_terminated(run.info.run_id, status="FAILED" if tag == "failed" else "KILLED")
         elif status == "FINISHED":
             tag = "completed"
         elif status == "KILLED":
@@ -185,6 +190,16 @@ def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str
         client.set_tag(run.info.run_id, "raylsm.trial_status", tag)
         out[run.info.run_id] = tag
     return out
+
+
+def _tune_status(search_dir: Path) -> dict[str, str]:
+    """Tune's status of every trial of the search, read back from its experiment state."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(search_dir)).trials}
+    except Exception:  # no state written yet (interrupted while starting)
+        return {}
 
 
 def _trials_table(client, runs: list, metric: str) -> list[dict]:
@@ -266,26 +281,33 @@ def run_search(req: SearchRequest) -> dict:
         search_dir.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps({"parent_run_id": parent_run_id, "space": str(space.path.resolve()),
                                           "settings": settings}, indent=2))
-    search_done = False
-    status = "FAILED"
+    results, outcome = None, "FAILED"
     try:
         results = _fit(space, req, searcher, trials, concurrency, overrides, flags, parent_run_id, name, storage,
-                       search_dir, probe.train.epochs, probe.train.use_gpu, probe.train.gpus_per_worker)
-        search_done = True
-        status = "FINISHED"
+                       search_dir, probe.train.epochs, probe.data.task_cpus)
+        statuses = _tune_status(search_dir)
+        complete = len(statuses) >= _expected(space, searcher, trials) and all(
+            s in ("TERMINATED", "ERROR") for s in statuses.values())
+        outcome = "FINISHED" if complete else "KILLED"  # Tune returns early on Ctrl-C, keeping its state
     except KeyboardInterrupt:
-        status = "KILLED"
+        outcome = "KILLED"
         raise
     finally:
-        tags = reconcile_children(tracking_uri, exp_id, parent_run_id, search_done)
-        if not search_done:
-            client.set_terminated(parent_run_id, status=status)
-    summary = _summarise(client, exp_id, parent_run_id, space, results, tags)
-    from raylsm.train.tracking import finish_parent_run
+        tags = reconcile_children(tracking_uri, exp_id, parent_run_id, _tune_status(search_dir))
+        if outcome != "FINISHED":
+            client.set_terminated(parent_run_id, status=outcome)
+            print(f"raylsm tune: search {name} {'interrupted' if outcome == 'KILLED' else 'failed'}; continue it with "
+                  f"--resume --name {name} --storage {storage}", file=sys.stderr)
+    if outcome != "FINISHED":
+        raise KeyboardInterrupt
+    try:
+        summary = _summarise(client, exp_id, parent_run_id, space, results, tags)
+        from raylsm.train.tracking import finish_parent_run
 
-    finish_parent_run(tracking_uri, parent_run_id, summary, _trials_table(client, _children(client, exp_id, parent_run_id),
-                                                                         f.metric))
-    client.set_terminated(parent_run_id, status="FINISHED")
+        finish_parent_run(tracking_uri, parent_run_id, summary,
+                          _trials_table(client, _children(client, exp_id, parent_run_id), f.metric))
+    finally:
+        client.set_terminated(parent_run_id, status="FINISHED")
     summary.update(parent_run_id=parent_run_id, storage=str(search_dir), name=name, tracking_uri=_redact(tracking_uri))
     return summary
 
@@ -297,8 +319,7 @@ def _redact(uri: str) -> str:
 
 
 def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurrency: int, overrides: list[str],
-         flags: dict, parent_run_id: str, name: str, storage: Path, search_dir: Path, epochs: int, gpu: bool,
-         gpus_per_worker: float):
+         flags: dict, parent_run_id: str, name: str, storage: Path, search_dir: Path, epochs: int, trial_cpu: float):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -307,15 +328,17 @@ def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurren
         tune_trial, space_path=str(space.path.resolve()), searcher=searcher, overrides=overrides, flags=flags,
         parent_run_id=parent_run_id, search_name=name, trials_storage=str(search_dir / "trials"),
     )
-    trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(trainable, {"cpu": trial_cpu})
     if req.resume:
         tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
-        return tuner.fit()
+        with contextlib.redirect_stdout(sys.stderr):  # Tune's own report lines: stdout is for the JSON result
+            return tuner.fit()
     if f.scheduler.kind == "asha":
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(epochs, 1),
                                   grace_period=min(f.scheduler.grace_period, max(epochs, 1)),
-                                  reduction_factor=f.scheduler.reduction_factor)
+                                  reduction_factor=f.scheduler.reduction_factor,
+                                  stop_last_trials=False)  # a trial that reaches the last epoch ends itself (and its run)
     else:
         scheduler = FIFOScheduler()
     search_alg = None
@@ -341,7 +364,8 @@ def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurren
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
                                   callbacks=[_progress_callback(f.metric, f.mode, _expected(space, searcher, trials))]),
     )
-    return tuner.fit()
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's own report lines: stdout is for the JSON result
+        return tuner.fit()
 
 
 def _expected(space: Space, searcher: str, trials: int) -> int:

@@ -1,0 +1,134 @@
+"""Searches end to end on a local 2-CPU Ray: parent/child MLflow runs, ASHA stopping, best config, --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import small_world_dataset
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data.ll_len": 40, "data.st_len": 10, "model.features.emb_dim": 8, "model.head": [32, 16],
+    "model.lap.k1": 16, "model.lap.k2": 8, "model.lap.att_dim": 8, "model.lap.heads": 2, "model.lap.ffn_dim": 16,
+    "model.crp.m": 64, "train.batch_size": 128, "train.eval_batch_size": 1024,
+}
+
+
+def _space(tmp: Path, name: str, scheduler: str, params: dict, epochs: int, metric="val_logloss", mode="min") -> Path:
+    import yaml
+
+    text = {"base": "lcn", "metric": metric, "mode": mode, "trials": 1, "concurrency": 1,
+            "searcher": {"kind": "grid", "seed": 0}, "scheduler": {"kind": scheduler, "grace_period": 1, "reduction_factor": 2},
+            "fixed": {**TINY, "train.epochs": epochs}, "params": params}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return small_world_dataset(tmp_path_factory.mktemp("tune") / "synth", rows=3000)
+
+
+def _cli(*args: str, tmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "raylsm", "tune", *args], cwd=tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _children(client: MlflowClient, parent: str) -> list:
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_search_asha_children_and_best(data: Path, tmp_path: Path):
+    """4 trials (lr 1e-2 vs 1e-8, 2 seeds), 2 epochs, ASHA after epoch 1: a 1e-8 trial's validation logloss
+    stays at its initial value while a 1e-2 trial's has dropped, so ASHA must stop a 1e-8 trial."""
+    space = _space(tmp_path, "asha", "asha", {"train.lr": {"grid": [0.01, 1.0e-8]}, "train.seed": {"grid": [0, 1]}}, 2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _cli("--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
+                "--experiment", "t", tmp=tmp_path)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = _children(client, parent.info.run_id)
+    assert len(children) == 4 and len({c.data.tags["raylsm.trial_id"] for c in children}) == 4
+    assert all(c.info.status != "RUNNING" for c in children)
+    statuses = sorted(c.data.tags["raylsm.trial_status"] for c in children)
+    assert "stopped_by_scheduler" in statuses, statuses
+    stopped = [c for c in children if c.data.tags["raylsm.trial_status"] == "stopped_by_scheduler"]
+    assert all(json.loads(c.data.tags["raylsm.trial_config"])["train.lr"] == 1e-8 for c in stopped)
+    assert all(c.info.status == "KILLED" for c in stopped)
+    assert result["counts"]["stopped"] == len(stopped) and result["counts"]["trials"] == 4
+    # The best config in the JSON is the child with the lowest validation logloss over its epochs.
+    def best_of(run):
+        return min(m.value for m in client.get_metric_history(run.info.run_id, "val_logloss"))
+    best_child = min(children, key=best_of)
+    assert result["best"]["mlflow_run_id"] == best_child.info.run_id
+    assert result["best"]["config"] == json.loads(best_child.data.tags["raylsm.trial_config"])
+    assert result["best"]["config"]["train.lr"] == 0.01
+    assert result["best"]["best_val_logloss"] == pytest.approx(best_of(best_child))
+    # The child is a full training record: used params, headline metrics, dataset input, model.
+    assert best_child.data.params["train.lr"] == "0.01" and "model.twin.k" not in best_child.data.params
+    assert best_child.data.metrics["auc"] == pytest.approx(result["best"]["auc"])
+    assert best_child.inputs.dataset_inputs and best_child.inputs.dataset_inputs[0].dataset.digest
+    # The parent holds the space file, the trials table and the best config.
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"asha.yaml", "trials.csv", "best.json"} <= artifacts
+    assert parent.data.params["best.train.lr"] == "0.01" and parent.data.params["search.scheduler"] == "asha"
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path, tmp_path: Path):
+    space = _space(tmp_path, "resume", "fifo", {"train.seed": {"grid": [0, 1, 2, 3]}}, 1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
+            "--name", "s1"]
+    proc = _cli(*args, tmp=tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    deadline = time.time() + 600
+    finished: list = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        try:
+            exp = client.get_experiment_by_name("raylsm")
+            runs = client.search_runs([exp.experiment_id], filter_string="tags.raylsm.trial_id != ''") if exp else []
+        except Exception:
+            continue
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if len(finished) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert len(finished) >= 2 and proc.returncode != 0, (proc.returncode, err[-3000:])
+    first = {r.data.tags["raylsm.trial_id"] for r in finished}
+    parent_id = finished[0].data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    assert all(c.info.status != "RUNNING" for c in _children(client, parent_id))
+
+    proc = _cli(*args, "--resume", tmp=tmp_path)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["parent_run_id"] == parent_id and client.get_run(parent_id).info.status == "FINISHED"
+    children = _children(client, parent_id)
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert len({c.data.tags["raylsm.trial_id"] for c in done}) == 4
+    for trial_id in first:  # finished before the interruption: never trained again
+        assert sum(c.data.tags["raylsm.trial_id"] == trial_id for c in children) == 1
+    assert result["counts"]["trials"] == 4
