@@ -85,19 +85,35 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     assert run.info.status == "FINISHED"
     assert run.data.params["model.lap.k1"] == "16" and run.data.params["train.workers"] == "2"
     assert run.data.tags["raylsm.model"] == "lcn" and run.data.tags["raylsm.dataset"] == "synthetic-cross-domain"
-    for key in ("auc", "gauc", "logloss", "train_loss", "crp_loss", "samples_per_s"):
+    for key in ("val_auc", "val_logloss", "test_auc", "test_gauc", "test_logloss", "train_loss", "crp_loss", "samples_per_s"):
         history = client.get_metric_history(r["mlflow_run_id"], key)
         assert [m.step for m in history] == [0, 1, 2], key
     assert client.get_metric_history(r["mlflow_run_id"], "crp_loss")[0].value > 0
+    # Honest headline: the kept checkpoint is the best by validation AUC, and the run's auc is its test AUC.
+    val = {m.step: m.value for m in client.get_metric_history(r["mlflow_run_id"], "val_auc")}
+    test = {m.step: m.value for m in client.get_metric_history(r["mlflow_run_id"], "test_auc")}
+    best_epoch = max(val, key=val.get)
+    assert r["epoch"] == best_epoch and r["auc"] == pytest.approx(test[best_epoch])
+    assert run.data.metrics["auc"] == pytest.approx(test[best_epoch]) and run.data.tags["raylsm.checkpoint"] == r["checkpoint"]
+    assert "model.twin.k" not in run.data.params and run.data.tags.get("mlflow.user")
+    assert run.inputs.dataset_inputs[0].dataset.name == "synthetic-cross-domain"
+    assert "job.yaml" in {a.path for a in client.list_artifacts(r["mlflow_run_id"])}
+    # The logged model loads without unpickling (code + weights-only checkpoint) and scores contract rows.
+    import pyarrow.parquet as pq
+
+    from raylsm.data.contract import shard_files
+
     mlflow.set_tracking_uri(r["tracking_uri"])
-    loaded = mlflow.pytorch.load_model(r["mlflow_model_uri"])
+    loaded = mlflow.pyfunc.load_model(r["mlflow_model_uri"])
+    assert loaded.metadata.signature is not None
+    frame = pq.read_table(shard_files(tiny_data, "test")[0], partitioning=None).slice(0, 64).to_pandas()
     spec = CollateSpec(10, 40, tuple(read_manifest(tiny_data).profile_fields))
     batch = {k: torch.from_numpy(v) for k, v in next(iter_local_batches(tiny_data, "test", spec, 64)).items()}
     ckpt_model, _ = model_from_checkpoint(r["checkpoint"])
     ckpt_model.eval()
-    loaded.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch)[0], ckpt_model(batch)[0])
+        expected = torch.sigmoid(ckpt_model(batch)[0]).numpy()
+    np.testing.assert_allclose(np.asarray(loaded.predict(frame)), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_continues_from_saved_epoch(ray_local, tiny_data, tmp_path):
@@ -110,10 +126,10 @@ def test_resume_continues_from_saved_epoch(ray_local, tiny_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=second["tracking_uri"])
-    assert [m.step for m in client.get_metric_history(second["mlflow_run_id"], "auc")] == [1]
+    assert [m.step for m in client.get_metric_history(second["mlflow_run_id"], "test_auc")] == [1]
     # --resume-from: continue a new run from a given checkpoint.
     third = run_training(_job(tiny_data, tmp_path, "train.epochs=2", "name=from-ckpt", f"resume_from={first['checkpoint']}"))
-    assert [m.step for m in client.get_metric_history(third["mlflow_run_id"], "auc")] == [1]
+    assert [m.step for m in client.get_metric_history(third["mlflow_run_id"], "test_auc")] == [1]
 
 
 def _kill_worker_after_first_checkpoint(run_dir: Path, killed: list, timeout: float = 240.0) -> None:
@@ -143,5 +159,5 @@ def test_worker_killed_after_first_checkpoint_is_replaced(ray_local, tiny_data, 
     assert result["epoch"] in (0, 1, 2) and result["auc"] > 0.5
     from mlflow.tracking import MlflowClient
 
-    steps = [m.step for m in MlflowClient(tracking_uri=result["tracking_uri"]).get_metric_history(result["mlflow_run_id"], "auc")]
+    steps = [m.step for m in MlflowClient(tracking_uri=result["tracking_uri"]).get_metric_history(result["mlflow_run_id"], "test_auc")]
     assert steps[-1] == 2 and steps[0] == 0  # finished all epochs after the replacement

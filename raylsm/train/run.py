@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import socket
 import time
 from pathlib import Path
@@ -83,11 +84,28 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def check_cpu_budget(job: JobConfig) -> None:
-    """Refuse a worker layout that leaves Ray Data no CPU (it would hang at 0 rows, DESIGN §7)."""
-    import ray
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
-    total = ray.cluster_resources().get("CPU", 0.0)
+
+def local_cpus() -> float:
+    """CPUs a local cluster started by :func:`ensure_ray` gets (what Ray detects: the affinity mask)."""
+    try:
+        return float(len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return float(os.cpu_count() or 1)
+
+
+def check_cpu_budget(job: JobConfig, total: float | None = None) -> None:
+    """Refuse a worker layout that leaves Ray Data no CPU (it would hang at 0 rows, DESIGN §7).
+
+    ``total`` = the cluster's CPUs; None = ask the running cluster.
+    """
+    if total is None:
+        import ray
+
+        total = ray.cluster_resources().get("CPU", 0.0)
     needed = job.train.workers * job.train.cpus_per_worker
     if total and needed + DATA_CPU_RESERVE > total:
         raise ConfigError(
@@ -220,6 +238,8 @@ def preflight(job: JobConfig, validated: bool = False) -> tuple:
     plan = plan_splits(job.data.path, manifest, job.data.val_fraction)
     check_storage(job.storage)
     check_local_gpus(job)
+    if not validated and not os.environ.get("RAY_ADDRESS") and not _ray_running():
+        check_cpu_budget(job, local_cpus())  # the local cluster's size is known before it starts
     tracking_uri = job.mlflow.tracking_uri or default_tracking_uri()
     check_store(tracking_uri)
     return manifest, plan, tracking_uri

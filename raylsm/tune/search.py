@@ -245,7 +245,6 @@ def run_search(req: SearchRequest) -> dict:
         raise ConfigError(f"--trials/--concurrency: must be >= 1, got {trials}/{concurrency}")
     flags = _flags(req)
     probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, req.overrides, flags)
-    manifest, _, tracking_uri = preflight(probe)
     storage = check_storage(probe.storage)
     name, search_dir = _search_dir(storage, space, req.name, req.resume)
     state_path = search_dir / STATE_FILE
@@ -253,6 +252,7 @@ def run_search(req: SearchRequest) -> dict:
         raise ConfigError(f"--resume: {search_dir} holds no search to resume")
     if not req.resume and state_path.is_file():
         raise ConfigError(f"--name {name}: a search of that name exists under {storage}; add --resume or pick another name")
+    manifest, _, tracking_uri = preflight(probe)
 
     ensure_ray()
     import ray
