@@ -254,7 +254,7 @@ def run_search(req: SearchRequest) -> dict:
         raise ConfigError(f"--name {name}: a search of that name exists under {storage}; add --resume or pick another name")
     manifest, _, tracking_uri = preflight(probe)
 
-    ensure_ray()
+    ensure_ray(quiet=True)  # progress is the per-epoch [tune] lines; Ray's chatter and Ray Data bars stay off
     import ray
 
     overrides = list(req.overrides)
