@@ -130,3 +130,34 @@ def test_mlflow_store_lost_mid_run_training_goes_on_and_record_is_reconciled(ray
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]  # epoch 1 logged after the outage
     stamps = {m.step: m.timestamp for m in history}
     assert stamps[0] < stamps[1] < stamps[2]  # each epoch keeps the time it was measured
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+from tests.test_security import interrupted_run  # noqa: E402,F401  (session fixture: one run serves both files)
+
+
+@pytest.mark.ray
+def test_ctrl_c_leaves_no_running_mlflow_run_and_no_ray_processes(interrupted_run):
+    from mlflow.tracking import MlflowClient
+
+    assert interrupted_run.returncode == 130, interrupted_run.stderr[-3000:]
+    assert "Traceback" not in interrupted_run.stderr, interrupted_run.stderr[-3000:]
+    assert interrupted_run.stderr.strip().splitlines()[-1] == "raylsm: interrupted"
+    client = MlflowClient(tracking_uri=interrupted_run.tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+    def alive() -> list[str]:
+        out = []
+        for p in interrupted_run.processes:
+            try:
+                if p.is_running() and p.status() != "zombie":
+                    out.append(f"{p.pid} {p.name()}")
+            except Exception:  # gone between the two calls
+                pass
+        return out
+
+    _wait_for(lambda: not alive(), 30, "the run's Ray processes to exit")
+    assert len(interrupted_run.processes) >= 4  # the driver, GCS, raylet, a training worker at least

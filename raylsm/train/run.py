@@ -279,9 +279,11 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
         head = headline(best_metrics)
         model_uri = log_model(tracking_uri, mlflow_run_id, best.path, job, manifest)
         finish_run(tracking_uri, mlflow_run_id, head, {"raylsm.checkpoint": best.path, "raylsm.ray_run_path": result.path})
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C during fit() reaches Ray Train's own SIGINT handler, which aborts the run and calls
+        # sys.exit(0) (SystemExit, not KeyboardInterrupt): both are the user stopping the run.
         end_run(tracking_uri, mlflow_run_id, "KILLED")
-        raise
+        raise KeyboardInterrupt from None
     except BaseException:
         end_run(tracking_uri, mlflow_run_id, "FAILED")
         raise
