@@ -132,17 +132,30 @@ def test_resume_continues_from_saved_epoch(ray_local, tiny_data, tmp_path):
     assert [m.step for m in client.get_metric_history(third["mlflow_run_id"], "test_auc")] == [1]
 
 
-def _kill_worker_after_first_checkpoint(run_dir: Path, killed: list, timeout: float = 240.0) -> None:
+def own_train_workers() -> list:
+    """The training-worker processes of this session's own Ray cluster (descendants of its raylet), never another's."""
     import psutil
+    import ray
 
+    node = ray._private.worker._global_node
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    out = []
+    for proc in raylet.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _kill_worker_after_first_checkpoint(run_dir: Path, killed: list, timeout: float = 240.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if "RayTrainWorker" in cmd and proc.pid != os.getpid():
-                    proc.kill()
-                    killed.append(proc.pid)
+            for proc in own_train_workers():
+                proc.kill()
+                killed.append(proc.pid)
             if killed:
                 return
         time.sleep(0.2)
