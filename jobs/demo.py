@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="lcn,cain")
     p.add_argument("--experiment", default="raylsm-demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--prepare-only", action="store_true", help="write and validate the dataset, train nothing")
     return p
 
 
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                                                shards=4, seed=0, **DEMO_WORLD))
     validate_dataset(args.data)
     manifest = read_manifest(args.data)
+    if args.prepare_only:
+        emit({"data": args.data, "rows": manifest.splits})
+        return 0
     ll_len = manifest.max_len["ll"]
     print(f"dataset {args.data}: {manifest.splits['train']['rows']} train / {manifest.splits['test']['rows']} test rows; "
           "starting a local Ray (loopback only)", file=sys.stderr, flush=True)
