@@ -100,3 +100,32 @@ def test_cli_bad_space_fails_before_ray(tmp_path: Path, capsys):
     assert len(err) == 1 and "model.lap.k9" in err[0] and str(path) in err[0]
     assert not ray.is_initialized()
     assert not (tmp_path / "runs").exists()
+
+
+EXPERIMENTS = sorted((ROOT / "jobs" / "experiments").glob("*.yaml"))
+
+
+def test_every_paper_table_ships():
+    assert {p.stem for p in EXPERIMENTS} == {"lcn_table1", "lcn_table2", "lcn_table3", "cain_table1", "cain_table2",
+                                              "cain_table3", "cain_table4"}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_grid_is_valid(path: Path):
+    space = load_space(path)
+    assert space.file.searcher.kind == "grid" and "train.seed" in space.dists
+    jobs = [trial_job(space, p, []) for p in grid_points(space)]
+    assert len({repr(j) for j in jobs}) == len(jobs)  # every cell and seed is a different job
+
+
+def test_table_mean_and_spread():
+    from raylsm.tune.table import cell_rows, markdown
+
+    children = [{"config": {"cell": "a", "train.seed": s}, "metrics": {"auc": v, "gauc": v, "logloss": 1 - v}}
+                for s, v in enumerate([0.6, 0.7, 0.8])]
+    children.append({"config": {"cell": "b", "train.seed": 0}, "metrics": {"auc": 0.5, "gauc": float("nan"), "logloss": 0.5}})
+    rows = {r["cell"]: r for r in cell_rows(children)}
+    assert rows["cell=a"]["n"] == 3 and rows["cell=a"]["auc_mean"] == pytest.approx(0.7)
+    assert rows["cell=a"]["auc_std"] == pytest.approx(0.1)  # sample standard deviation
+    assert rows["cell=b"]["auc_std"] == 0.0 and rows["cell=b"]["gauc_mean"] != rows["cell=b"]["gauc_mean"]
+    assert "| cell=a | 3 | 0.7000 ± 0.1000" in markdown(list(rows.values()))
