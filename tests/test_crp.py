@@ -23,7 +23,7 @@ def long(*v: int) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.long)
 
 
-def hand_loss(x1: np.ndarray, x2: np.ndarray, p: PairSample, tau: float) -> float:
+def hand_loss(x1: np.ndarray, x2: np.ndarray, p: PairSample, tau: float, with_positive: bool = False) -> float:
     """Eq. (3)/(4)/(5) with explicit loops: mean over eligible rows of -log(exp(pos/τ) / Σ_valid-neg exp(neg/τ))."""
 
     def cos(a, b):
@@ -39,7 +39,7 @@ def hand_loss(x1: np.ndarray, x2: np.ndarray, p: PairSample, tau: float) -> floa
     for i in range(len(p.pos_valid)):
         if p.pos_valid[i]:
             num = math.exp(cos(x1[i, int(p.pos1[i])], x2[i, int(p.pos2[i])]) / tau)
-            terms.append(-math.log(num / denom))
+            terms.append(-math.log(num / (denom + (num if with_positive else 0.0))))
     return sum(terms) / len(terms) if terms and denom > 0 else 0.0
 
 
@@ -63,15 +63,17 @@ def tiny():
     return tgt, src, samples
 
 
-def test_pair_loss_equals_hand_computation(tiny):
+@pytest.mark.parametrize("denominator", ["negatives", "with_positive"])
+def test_pair_loss_equals_hand_computation(tiny, denominator):
     tgt, src, samples = tiny
-    crp = CRP(CRPConfig(enabled=True, tau=TAU))
+    crp = CRP(CRPConfig(enabled=True, tau=TAU, denominator=denominator))
+    wp = denominator == "with_positive"
     got = crp.losses(tgt, src, samples)
     t, s = tgt.numpy(), src.numpy()
     want = {
-        "pt": hand_loss(t, t, samples["pt"], TAU),
-        "ps": hand_loss(s, s, samples["ps"], TAU),
-        "pc": hand_loss(t, s, samples["pc"], TAU),
+        "pt": hand_loss(t, t, samples["pt"], TAU, wp),
+        "ps": hand_loss(s, s, samples["ps"], TAU, wp),
+        "pc": hand_loss(t, s, samples["pc"], TAU, wp),
     }
     for k in ("pt", "ps", "pc"):
         assert got[k].item() == pytest.approx(want[k], rel=1e-10, abs=1e-10), k

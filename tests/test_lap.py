@@ -47,12 +47,15 @@ def reference(lap: LAP, query, seq, ctx, mask) -> torch.Tensor:
             continue
         # CSA over every real behaviour.
         r = e_h @ lap.csa_query(e_v) / lap.csa_temperature
-        pool = (lambda x: torch.softmax(x, 0)) if lap.pooling == "softmax" else (lambda x: x)
+        scale = {"sum": 1.0, "sum_scaled": 1.0 / L}.get(lap.pooling)
+        pool = (lambda x: torch.softmax(x, 0)) if lap.pooling == "softmax" else (lambda x: x * scale)
         ir_csa = pool(r) @ e_h
         keep1 = torch.argsort(r, descending=True)[: lap.k1]
         kv = torch.cat([e_h, e_c], -1)[keep1]
         # MSA over the K1 kept.
         r_msa = lap.msa_k(kv) @ lap.msa_q(e_v) / math.sqrt(D)
+        if lap.pooling == "sum_scaled":
+            scale = 1.0 / min(lap.k1, L)
         ir_msa = pool(r_msa) @ lap.msa_v(kv)
         kv = kv[torch.argsort(r_msa, descending=True)[: lap.k2]]
         # FSA: per item and head, weight * value; heads concatenated; FFN per item; mean.
@@ -81,7 +84,7 @@ def reference(lap: LAP, query, seq, ctx, mask) -> torch.Tensor:
 
 @pytest.mark.parametrize("reading", [
     {"pooling": "sum", "fsa": "per_head"}, {"pooling": "sum", "fsa": "per_item", "csa_temperature": 0.5},
-    {"pooling": "softmax", "fsa": "per_head", "csa_temperature": 2.0}, {},
+    {"pooling": "softmax", "fsa": "per_head", "csa_temperature": 2.0}, {"pooling": "sum_scaled"}, {},
 ])
 def test_every_reading_matches_the_loop_reference(reading):
     lap = make_lap(reading=reading)  # {} = the config defaults

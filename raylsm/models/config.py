@@ -28,7 +28,7 @@ class FeatureConfig:
     # Embedding-table init. xavier = the papers' weight-matrix init applied to the tables (rows of
     # norm ~ sqrt(2·D / vocab): ~0.05 for a 26k-item vocabulary against ~1 for a 64-value ctx table,
     # so dot-product retrieval starts flat); normal = N(0, emb_std²) for every table alike.
-    emb_init: Literal["xavier", "normal"] = "normal"
+    emb_init: Literal["xavier", "normal"] = "xavier"
     emb_std: float = 0.1
 
     def validate(self) -> None:
@@ -137,16 +137,17 @@ class LapConfig:
     # CSA/MSA pooling (eqs. 8, 10): softmax = "weighted average pooling" (masked softmax of the
     # scores); sum = the printed Σ_k r_k·v_k with the scaled raw scores as weights (keeps how many
     # behaviours match the candidate). The raw scores rank the top-K either way.
-    pooling: Literal["softmax", "sum"] = "sum"
+    # sum_scaled = the sum divided by the level's input length (L or K1): counts kept, size O(1).
+    pooling: Literal["softmax", "sum", "sum_scaled"] = "softmax"
     # CSA score scale: r_k = (e^h_k · e^v) / csa_temperature (the paper: 1, no temperature).
     csa_temperature: float = 1.0
     # FSA (eqs. 11-13): per_item = FFN on each item's weighted value, then the mean over the K2
     # (eq. 13 read per item); per_head = eq. 11's one H_h per head, heads concatenated, one FFN.
-    fsa: Literal["per_item", "per_head"] = "per_head"
+    fsa: Literal["per_item", "per_head"] = "per_item"
 
     def validate(self) -> None:
-        if self.pooling not in ("softmax", "sum"):
-            raise ConfigError(f"model.lap.pooling: must be softmax or sum, got {self.pooling!r}")
+        if self.pooling not in ("softmax", "sum", "sum_scaled"):
+            raise ConfigError(f"model.lap.pooling: must be softmax, sum or sum_scaled, got {self.pooling!r}")
         if self.fsa not in ("per_item", "per_head"):
             raise ConfigError(f"model.lap.fsa: must be per_item or per_head, got {self.fsa!r}")
         if self.csa_temperature <= 0:
@@ -168,8 +169,13 @@ class CRPConfig:
     lambda_pt: float = 1.0
     lambda_ps: float = 1.0
     lambda_pc: float = 1.0
+    # negatives = eqs. 3-5 as printed (denominator: the M negatives only; unbounded below);
+    # with_positive = InfoNCE (the positive joins the denominator; loss >= 0).
+    denominator: Literal["negatives", "with_positive"] = "negatives"
 
     def validate(self) -> None:
+        if self.denominator not in ("negatives", "with_positive"):
+            raise ConfigError(f"model.crp.denominator: must be negatives or with_positive, got {self.denominator!r}")
         if self.tau <= 0:
             raise ConfigError(f"model.crp.tau: must be > 0, got {self.tau}")
         if self.m < 1:

@@ -19,8 +19,9 @@ Loss per type (eqs. 3-5), with ``s`` the cosine similarity and τ the temperatur
 
     L = -(1/|B|) Σ_i [ s(p1_i, p2_i)/τ - log Σ_j exp(s(n1_j, n2_j)/τ) ]
 
-— the denominator is the sum over the negatives only, exactly as written in the paper,
-computed with ``logsumexp``. A type with no eligible row or no valid negative contributes 0.
+— the denominator is the sum over the negatives only, exactly as written in the paper
+(``denominator = negatives``), computed with ``logsumexp``; ``denominator = with_positive``
+adds the row's positive (InfoNCE: the loss is bounded below by 0). A type with no eligible row or no valid negative contributes 0.
 ``L_CRP = λ_PT L_PT + λ_PS L_PS + λ_PC L_PC`` (eq. 6); λ_CRP (eq. 14) is applied by the trainer.
 """
 
@@ -60,8 +61,12 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
     return (F.normalize(a, dim=-1, eps=1e-8) * F.normalize(b, dim=-1, eps=1e-8)).sum(-1)
 
 
-def pair_loss(x1: Tensor, x2: Tensor, pairs: PairSample, tau: float) -> Tensor:
-    """Eq. (3)/(4)/(5) for one pair type from explicit indices: ``x1``, ``x2`` are (B, S, Dr)."""
+def pair_loss(x1: Tensor, x2: Tensor, pairs: PairSample, tau: float, with_positive: bool = False) -> Tensor:
+    """Eq. (3)/(4)/(5) for one pair type from explicit indices: ``x1``, ``x2`` are (B, S, Dr).
+
+    ``with_positive``: the row's own positive joins the denominator (InfoNCE), so a row's loss is
+    ``>= 0`` and stops pulling once its positive dominates the negatives.
+    """
     rows = torch.arange(x1.shape[0], device=x1.device)  # (B,)
     pos = cosine(x1[rows, pairs.pos1], x2[rows, pairs.pos2]) / tau  # (B,)
     neg = cosine(x1[pairs.neg_row1, pairs.neg_pos1], x2[pairs.neg_row2, pairs.neg_pos2]) / tau  # (M,)
@@ -69,6 +74,8 @@ def pair_loss(x1: Tensor, x2: Tensor, pairs: PairSample, tau: float) -> Tensor:
     # Only the valid negatives enter the denominator; with none, a neutral finite stand-in (term masked to 0 below).
     neg = torch.where(has_neg, neg.masked_fill(~pairs.neg_valid, float("-inf")), torch.zeros_like(neg))
     log_denominator = torch.logsumexp(neg, dim=0)  # log Σ_j exp(s(n1_j, n2_j)/τ)
+    if with_positive:
+        log_denominator = torch.logaddexp(log_denominator, pos)  # log(exp(s_pos/τ) + Σ_j exp(s_neg/τ))  (B,)
     per_row = -(pos - log_denominator)  # (B,)
     w = pairs.pos_valid.to(per_row.dtype)
     loss = (per_row * w).sum() / w.sum().clamp_min(1.0)  # mean over the |B| eligible rows
@@ -122,6 +129,7 @@ class CRP(nn.Module):
     def __init__(self, cfg: CRPConfig):
         super().__init__()
         self.tau, self.m = cfg.tau, cfg.m
+        self.with_positive = cfg.denominator == "with_positive"
         self.lambdas = {"pt": cfg.lambda_pt, "ps": cfg.lambda_ps, "pc": cfg.lambda_pc}
 
     def sample(self, tgt_mask: Tensor, src_mask: Tensor, user_id: Tensor) -> dict[str, PairSample]:
@@ -135,9 +143,9 @@ class CRP(nn.Module):
     def losses(self, st_tgt: Tensor, st_src: Tensor, samples: dict[str, PairSample]) -> dict[str, Tensor]:
         """L_PT, L_PS, L_PC (eqs. 3-5) from explicit samples."""
         return {
-            "pt": pair_loss(st_tgt, st_tgt, samples["pt"], self.tau),  # Eq. (3)
-            "ps": pair_loss(st_src, st_src, samples["ps"], self.tau),  # Eq. (4)
-            "pc": pair_loss(st_tgt, st_src, samples["pc"], self.tau),  # Eq. (5)
+            "pt": pair_loss(st_tgt, st_tgt, samples["pt"], self.tau, self.with_positive),  # Eq. (3)
+            "ps": pair_loss(st_src, st_src, samples["ps"], self.tau, self.with_positive),  # Eq. (4)
+            "pc": pair_loss(st_tgt, st_src, samples["pc"], self.tau, self.with_positive),  # Eq. (5)
         }
 
     def combine(self, losses: dict[str, Tensor]) -> Tensor:

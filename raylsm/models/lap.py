@@ -8,14 +8,22 @@ Notation:
 Three cascading attentions over the lifelong sequence, each on the top-ranked
 items of the previous level:
 
-* CSA (eqs. 7-8): inner product ``r_k = e^h_k · e^v`` over the whole sequence;
-  ``IR_CSA = Σ_k softmax_valid(r)_k e^h_k``; top-K1 by raw ``r``.
+* CSA (eqs. 7-8): inner product ``r_k = e^h_k · e^v / T`` over the whole sequence
+  (``T = csa_temperature``, 1 in the paper); ``IR_CSA = Σ_k w_k e^h_k``; top-K1 by raw ``r``.
 * MSA (eqs. 9-10): single-head scaled dot product with the context,
   ``r^msa = (W^Q e^v)(W^K [e^h ‖ e^c])^T / √d``;
-  ``IR_MSA = Σ_k softmax_valid(r^msa)_k W^V [e^h ‖ e^c]``; top-K2 by raw ``r^msa``.
-* FSA (eqs. 11-13): per item k and head h the weighted value
-  ``softmax_k(Q_h K_hk / √d) · V_hk``, heads concatenated per item, the
-  feed-forward layer of eq. 12 per item, then the mean over the valid items.
+  ``IR_MSA = Σ_k w^msa_k W^V [e^h ‖ e^c]``; top-K2 by raw ``r^msa``.
+* FSA (eqs. 11-13), ``fsa = per_item``: per item k and head h the weighted value
+  ``softmax_k(Q_h K_hk / √d) · V_hk``, heads concatenated per item, the feed-forward
+  layer of eq. 12 per item, then the mean over the valid items (eq. 13 read per item;
+  FSA's input is then ~1/K2 of a value). ``fsa = per_head``: eq. 11's one
+  ``H_h = Σ_k softmax_k(·) V_hk`` per head, heads concatenated, one FFN (eq. 12); eq. 13's
+  mean is then over a single vector.
+
+Pooling of CSA/MSA (``pooling``): ``softmax`` = ``w = softmax_valid(r)`` (the text's
+"weighted average pooling"); ``sum`` = ``w = r`` on valid items (the printed Σ r_k·v_k: the
+interest grows with how many behaviours match); ``sum_scaled`` = ``w = r / N`` with N the
+level's input length (L for CSA, K1 for MSA): the same count-keeping sum at O(1) size. Measured choices: README "Model readings".
 
 The output is ``[IR_CSA ‖ IR_MSA ‖ IR_FSA]`` (size ``Ds + d + H·d``), so every level
 receives gradient; the top-K selections are integer indices and carry none.
@@ -89,7 +97,10 @@ class LAP(nn.Module):
         """Pooling weights of eqs. (8)/(10): masked softmax, or the raw scores (padding -> 0)."""
         if self.pooling == "softmax":
             return masked_softmax(scores, mask)
-        return scores.masked_fill(~mask, 0.0)
+        w = scores.masked_fill(~mask, 0.0)
+        # sum_scaled: divided by the level's fixed input length (L or K1), not by the valid count,
+        # so the interest still grows with how many behaviours match but stays O(1) in size.
+        return w / scores.shape[-1] if self.pooling == "sum_scaled" else w
 
     def levels(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> LapLevels:
         """Run the three levels and return every intermediate (indices, scores, interests)."""
