@@ -157,6 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``raylsm bench <name>``: figures with a reference from the same run and a top-level ``ratio``."""
     from raylsm.bench import run_bench
 
     emit(run_bench(args))
@@ -219,13 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2048)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("bench", help="per-step time and peak memory of models (in-process, synthetic batch)")
-    p.add_argument("--models", default="lcn,cain", help="comma-separated presets")
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--ll-len", default="500,2000", help="comma-separated lifelong lengths")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    from raylsm.bench import add_bench_parsers
+
+    p = sub.add_parser("bench", help="benchmarks: ingest, step, train, latency, memory, startup (JSON with a ratio)")
+    add_bench_parsers(p)
     p.set_defaults(fn=cmd_bench)
     return parser
 

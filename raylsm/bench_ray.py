@@ -1,0 +1,269 @@
+"""``raylsm bench ingest|train|startup``: the Ray-side figures (see :mod:`raylsm.bench` for the table)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from raylsm.bench import csv_ints, in_child, log, machine, median, resolve_device, sync, time_train_steps
+
+
+def bench_dataset(args: argparse.Namespace, tmp: str) -> str:
+    """``--data``, or a synthetic dataset of ``--rows`` rows written under ``tmp``."""
+    from raylsm.data.contract import read_manifest
+
+    if args.data:
+        read_manifest(args.data)  # a clear error for a directory that is not a dataset
+        return args.data
+    from raylsm.data.synth import SynthConfig, generate_config
+
+    for name in ("rows", "shards", "ll_len", "st_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    out = os.path.join(tmp, "synth")
+    log(f"generating {args.rows} rows (L={args.ll_len}, {args.shards} shards) in {out}")
+    generate_config(out, SynthConfig(rows=args.rows, ll_len=args.ll_len, st_len=args.st_len, shards=args.shards), progress=False)
+    return out
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+def _consume(batches, device) -> int:
+    """Hand every batch to ``device`` (as training does); rows seen."""
+    from raylsm.train.loop import to_device
+
+    rows = 0
+    for batch in batches:
+        if device.type == "cuda":
+            batch = to_device(batch, device)  # host-to-device copy and widening, as in train_epoch
+        rows += int(batch["label"].shape[0])
+    sync(device)
+    return rows
+
+
+def local_rows_per_s(data: str, spec, batch: int, device) -> tuple[float, int]:
+    """The one-process reader (``iter_local_batches``, Arrow on one thread) into tensors on ``device``."""
+    import pyarrow as pa
+    import torch
+
+    from raylsm.data.collate import iter_local_batches
+
+    before = pa.cpu_count()
+    pa.set_cpu_count(1)  # one process, one CPU: the per-CPU reference the Ray figures scale against
+    try:
+        start = time.perf_counter()
+        tensors = ({k: torch.from_numpy(v) for k, v in b.items()} for b in iter_local_batches(data, "train", spec, batch))
+        if device.type == "cuda":
+            tensors = ({k: v.pin_memory() for k, v in b.items()} for b in tensors)
+        rows = _consume(tensors, device)
+        return rows / (time.perf_counter() - start), rows
+    finally:
+        pa.set_cpu_count(before)
+
+
+def ray_rows_per_s(data: str, spec, batch: int, device, cpus: int, block_rows: int, prefetch: int) -> tuple[float, int]:
+    """The training path: ``read_split`` (one CPU per read task, at most ``cpus`` at once) -> ``_torch_batches``."""
+    import ray.data
+
+    from raylsm.data.pipeline import read_split
+    from raylsm.train.loop import _torch_batches
+
+    ray.data.DataContext.get_current().execution_options.resource_limits = ray.data.ExecutionResources(cpu=cpus)
+    ds = read_split(data, "train", spec, block_rows, shuffle_seed=0, task_cpus=1.0)
+    start = time.perf_counter()
+    rows = _consume(_torch_batches(ds.iterator(), batch, device, prefetch=prefetch), device)
+    return rows / (time.perf_counter() - start), rows
+
+
+def run_ingest(args: argparse.Namespace) -> dict:
+    import ray.data
+
+    from raylsm.data.collate import CollateSpec, narrow_id_dtypes
+    from raylsm.data.contract import read_manifest
+    from raylsm.train.run import ensure_ray
+
+    device = resolve_device(args.device)
+    cpus = csv_ints(args.cpus, "--cpus")
+    if args.batch < 1 or args.repeats < 1 or args.block_rows < 1 or args.prefetch < 0:
+        raise ValueError("--batch, --repeats, --block-rows: must be >= 1 (--prefetch >= 0)")
+    with tempfile.TemporaryDirectory(prefix="raylsm-bench-") as tmp:
+        data = bench_dataset(args, tmp)
+        manifest = read_manifest(data)
+        spec = CollateSpec(args.st_len, args.ll_len, tuple(manifest.profile_fields), narrow_id_dtypes(manifest.vocab))
+        rows = manifest.splits["train"]["rows"]
+        ensure_ray(num_cpus=max(cpus), quiet=True)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        limits = ctx.execution_options.resource_limits
+        try:
+            log("warm-up: one pass of the Ray path (starts its workers)")
+            ray_rows_per_s(data, spec, args.batch, device, max(cpus), args.block_rows, args.prefetch)
+            single: list[float] = []
+            by_cpus: dict[int, list[float]] = {n: [] for n in cpus}
+            for r in range(args.repeats):  # interleaved: a noisy moment hits reference and Ray alike
+                passes = [local_rows_per_s(data, spec, args.batch, device)]
+                single.append(passes[0][0])
+                for n in cpus:
+                    passes.append(ray_rows_per_s(data, spec, args.batch, device, n, args.block_rows, args.prefetch))
+                    by_cpus[n].append(passes[-1][0])
+                if any(seen != rows for _, seen in passes):  # a rate is only a figure if every row was delivered
+                    raise RuntimeError(f"ingest: a pass delivered {[seen for _, seen in passes]} rows, the split has {rows}")
+                log(f"repeat {r + 1}/{args.repeats}: one process {single[-1]:,.0f} rows/s; "
+                    + "; ".join(f"Ray Data {n} CPU {by_cpus[n][-1]:,.0f}" for n in cpus))
+        finally:
+            ctx.execution_options.resource_limits = limits
+    one = median(single)
+    ray_med = {str(n): round(median(v), 1) for n, v in by_cpus.items()}
+    scaling = {str(n): round(median(v) / (n * one), 3) for n, v in by_cpus.items()}
+    top = max(cpus)
+    return {
+        "bench": "ingest", "device": device.type, "rows": rows, "ll_len": args.ll_len, "batch": args.batch,
+        "ratio": scaling[str(top)], "ratio_is": f"Ray Data rows/s with {top} CPUs / ({top} x one-process rows/s)",
+        "single_process_rows_per_s": round(one, 1), "ray_rows_per_s": ray_med, "scaling": scaling,
+        "repeats": {"single_process": [round(x, 1) for x in single],
+                    "ray": {str(n): [round(x, 1) for x in v] for n, v in by_cpus.items()}},
+        "machine": machine(),
+    }
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def step_only_child(job_dict: dict, data: str, steps: int, repeats: int, threads: int, device_name: str) -> list[float]:
+    """Samples/s of the training step alone on a real batch of ``data`` (same model, batch and threads as a worker)."""
+    import torch
+
+    from raylsm.config import from_dict
+    from raylsm.data.collate import CollateSpec, iter_local_batches
+    from raylsm.data.contract import read_manifest
+    from raylsm.models import build_model
+    from raylsm.models.layers import Vocab
+    from raylsm.train.config import JobConfig
+    from raylsm.train.loop import seed_everything, to_device
+
+    torch.set_num_threads(threads)
+    job = from_dict(JobConfig, job_dict)
+    manifest = read_manifest(data)
+    device = torch.device(device_name)
+    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    batch = next(iter_local_batches(data, "train", spec, job.train.batch_size))
+    batch = to_device({k: torch.from_numpy(v) for k, v in batch.items()}, device)
+    rates = []
+    for _ in range(repeats):
+        seed_everything(job.train.seed)
+        net = build_model(job.model, Vocab.from_manifest(manifest)).to(device)
+        if job.train.compile:
+            net.compile()
+        times = time_train_steps(net, batch, device, steps, bf16=job.train.bf16 and device.type == "cuda",
+                                 warmup=3 if job.train.compile else 1, lr=job.train.lr)
+        rates.append(job.train.batch_size / median(times))
+    return rates
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from raylsm.train.config import job_to_dict, resolve_job
+    from raylsm.train.run import run_training
+
+    device = resolve_device(args.device)
+    if args.epochs < 2:
+        raise ValueError("--epochs: must be >= 2 (the first epoch is warm-up and not counted)")
+    with tempfile.TemporaryDirectory(prefix="raylsm-bench-") as tmp:
+        data = bench_dataset(args, tmp)
+        job = resolve_job(preset=args.model, overrides=[
+            f"data.path={data}", f"data.ll_len={args.ll_len}", f"data.st_len={args.st_len}", "data.val_fraction=0",
+            f"train.batch_size={args.batch}", f"train.epochs={args.epochs}", f"train.cpus_per_worker={args.cpus_per_worker}",
+            f"train.use_gpu={device.type == 'cuda'}", f"storage={tmp}/runs", f"mlflow.tracking_uri=sqlite:///{tmp}/train.db",
+            "mlflow.experiment=bench-train", *args.overrides])
+        threads = max(1, int(job.train.cpus_per_worker))  # Ray gives a worker OMP_NUM_THREADS = its CPUs
+        log(f"step-only reference: {args.model}, B={job.train.batch_size}, {threads} thread(s), {args.repeats} x {args.steps} steps")
+        step_rates = in_child(step_only_child, job_to_dict(job), data, args.steps, args.repeats, threads, device.type)
+        log(f"step only: {median(step_rates):,.0f} samples/s; Ray Train run, {args.epochs} epochs")
+        result = run_training(job)
+        history = MlflowClient(tracking_uri=result["tracking_uri"]).get_metric_history(result["mlflow_run_id"], "samples_per_s")
+        epochs = [m.value for m in sorted(history, key=lambda m: m.step)]
+    counted = epochs[1:]
+    ray_rate = median(counted)
+    step_rate = median(step_rates)
+    log(f"Ray Train: {ray_rate:,.0f} samples/s (epochs 2..{len(epochs)}), step only {step_rate:,.0f}")
+    return {
+        "bench": "train", "device": device.type, "model": args.model, "batch": job.train.batch_size,
+        "ll_len": job.data.ll_len, "workers": job.train.workers, "threads_per_worker": threads,
+        "ratio": round(ray_rate / step_rate, 3), "ratio_is": "Ray Train samples/s / step-only samples/s",
+        "ray_samples_per_s": round(ray_rate, 1), "step_only_samples_per_s": round(step_rate, 1),
+        "ray_epochs_samples_per_s": [round(x, 1) for x in epochs], "step_only_repeats": [round(x, 1) for x in step_rates],
+        "machine": machine(),
+    }
+
+
+# ----------------------------------------------------------------------------- startup
+
+
+def local_first_batch(data: str, model: str, overrides: list[str], mark: str) -> None:
+    """The in-process path up to its first training batch (manifest, model, first batch), then write the time."""
+    import torch
+
+    from raylsm.data.collate import CollateSpec, iter_local_batches
+    from raylsm.data.contract import read_manifest
+    from raylsm.models import build_model
+    from raylsm.models.layers import Vocab
+    from raylsm.train.config import resolve_job
+
+    job = resolve_job(preset=model, overrides=[f"data.path={data}", *overrides])
+    manifest = read_manifest(data)
+    build_model(job.model, Vocab.from_manifest(manifest))
+    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    batch = next(iter_local_batches(data, "train", spec, job.train.batch_size, shuffle_seed=job.train.seed))
+    {k: torch.from_numpy(v) for k, v in batch.items()}
+    Path(mark).write_text(repr(time.time()))
+
+
+def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict) -> float:
+    """Seconds from starting ``cmd`` to the time it writes into ``mark``; the command then runs to its end."""
+    start = time.time()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if not mark.exists():
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        raise RuntimeError(f"`{' '.join(cmd[:4])} ...` exited {proc.returncode} before its first batch: {' | '.join(tail)}")
+    return float(mark.read_text()) - start
+
+
+def run_startup(args: argparse.Namespace) -> dict:
+    from raylsm.train.loop import _FIRST_BATCH_FILE
+
+    resolve_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="raylsm-bench-") as tmp:
+        data = bench_dataset(args, tmp)
+        sets = [f"data.ll_len={args.ll_len}", f"data.st_len={args.st_len}", *args.overrides]
+        train_cmd = [sys.executable, "-m", "raylsm", "train", "--model", args.model, "--data", data, "--epochs", "1",
+                     "--storage", f"{tmp}/runs", "--tracking-uri", f"sqlite:///{tmp}/train.db",
+                     "--set", "train.max_steps_per_epoch=2", "--set", "data.val_fraction=0",
+                     *(x for s in sets for x in ("--set", s))]
+        if args.device == "cuda":
+            train_cmd.append("--gpu")
+        ray_s, local_s = [], []
+        for r in range(args.repeats):
+            mark = Path(tmp) / f"ray-{r}"
+            env = dict(os.environ, **{_FIRST_BATCH_FILE: str(mark)})
+            env.pop("RAY_ADDRESS", None)  # a fresh local cluster: its start-up is part of the figure
+            ray_s.append(_time_to_mark(train_cmd, mark, args.timeout, env))
+            mark = Path(tmp) / f"local-{r}"
+            code = (f"from raylsm.bench_ray import local_first_batch; "
+                    f"local_first_batch({data!r}, {args.model!r}, {json.dumps(sets)}, {str(mark)!r})")
+            local_s.append(_time_to_mark([sys.executable, "-c", code], mark, args.timeout, dict(os.environ)))
+            log(f"repeat {r + 1}/{args.repeats}: raylsm train first batch after {ray_s[-1]:.1f} s; in-process {local_s[-1]:.1f} s")
+    return {
+        "bench": "startup", "device": args.device, "model": args.model,
+        "seconds_to_first_batch": round(median(ray_s), 2), "in_process_seconds": round(median(local_s), 2),
+        "ratio": round(median(ray_s) / median(local_s), 3), "ratio_is": "raylsm train (Ray) / in-process path",
+        "repeats": {"ray": [round(x, 2) for x in ray_s], "in_process": [round(x, 2) for x in local_s]},
+        "machine": machine(),
+    }

@@ -1,0 +1,122 @@
+"""`raylsm bench`: every subcommand's JSON is internally consistent (the ratio is the stated quotient of
+its own figures), its figures are plausible, it is logged to MLflow, and mistakes are one-line errors.
+
+Sizes are tiny: these tests check the measuring, not the speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raylsm.cli import main
+from tests.conftest import small_world_dataset
+
+TINY_MODEL = ["--set", "features.emb_dim=4", "--set", "lap.k1=8", "--set", "lap.k2=4", "--set", "crp.m=16",
+              "--set", "head=[8]"]
+TINY_JOB = [x if x == "--set" else f"model.{x}" for x in TINY_MODEL]
+
+
+def _run(capsys, *argv: str) -> dict:
+    assert main(["bench", *argv]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return str(small_world_dataset(tmp_path_factory.mktemp("bench") / "synth", rows=1200, ll_len=30, st_len=6))
+
+
+def test_step_ratio_is_its_own_quotient_and_is_logged_to_mlflow(capsys, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from raylsm.models import build_model, preset_config
+    from raylsm.models.config import ModelConfig
+    from raylsm.config import apply_overrides
+    from raylsm.models.layers import Vocab
+    from raylsm.bench import DEFAULT_VOCAB
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = _run(capsys, "step", "--models", "lap", "--batch", "16", "--ll-len", "20,80", "--steps", "2", "--threads", "1",
+               *TINY_MODEL, "--tracking-uri", uri)
+    short, long_ = out["results"]
+    assert (short["ll_len"], long_["ll_len"]) == (20, 80)
+    assert out["ratio"] == pytest.approx(long_["train_ms_fp32"] / short["train_ms_fp32"], rel=1e-2)
+    for row in out["results"]:
+        assert row["train_ms_fp32"] > 0 and row["infer_ms_fp32"] > 0
+        assert row["train_samples_per_s_fp32"] == pytest.approx(16 / (row["train_ms_fp32"] / 1000), rel=2e-2)
+        assert row["peak_rss_mb"] >= row["rss_before_steps_mb"] > 50  # a process with torch loaded
+    overrides = [s for s in TINY_MODEL if s != "--set"]
+    net = build_model(preset_config("lap", apply_overrides({}, overrides, ModelConfig)), Vocab(**DEFAULT_VOCAB))
+    assert short["params"] == sum(p.numel() for p in net.parameters())
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["raylsm.bench"] == "step"
+    assert client.get_experiment(run.info.experiment_id).name == "bench"
+    assert run.data.metrics["ratio"] == pytest.approx(out["ratio"])
+    assert run.data.metrics["results.1.train_ms_fp32"] == pytest.approx(long_["train_ms_fp32"])
+
+
+def test_latency_and_memory_ratios_against_their_references(capsys):
+    out = _run(capsys, "latency", "--models", "lcn,lap", "--ll-len", "30", "--candidates", "10", "--repeats", "2",
+               "--threads", "1", *TINY_MODEL, "--no-mlflow")
+    ms = {r["model"]: r["ms"] for r in out["results"]}
+    assert set(ms) == {"lcn", "lap", "sim_soft"}  # the references are measured even when not asked for
+    assert all(v > 0 for v in ms.values())
+    assert out["ratio"] == pytest.approx(ms["lcn"] / ms["sim_soft"], rel=1e-2)
+    assert next(r for r in out["results"] if r["model"] == "lap")["vs_lap"] == 1.0
+    out = _run(capsys, "memory", "--models", "lcn", "--batch", "8", "--ll-len", "30", "--steps", "1", "--threads", "1",
+               *TINY_MODEL, "--no-mlflow")
+    peak = {r["model"]: r["peak_rss_mb"] for r in out["results"]}
+    assert set(peak) == {"lcn", "lap"} and out["measure"] == "peak_rss_mb"
+    assert out["ratio"] == pytest.approx(peak["lcn"] / peak["lap"], rel=1e-2)
+
+
+@pytest.mark.ray
+def test_ingest_counts_every_row_and_scales_against_the_one_process_reader(capsys, ray_local, tiny_data):
+    from raylsm.data.contract import read_manifest
+
+    out = _run(capsys, "ingest", "--data", tiny_data, "--ll-len", "30", "--st-len", "6", "--cpus", "1,2",
+               "--batch", "64", "--repeats", "1", "--no-mlflow")
+    assert out["rows"] == read_manifest(tiny_data).splits["train"]["rows"]
+    one = out["single_process_rows_per_s"]
+    assert one > 0 and set(out["ray_rows_per_s"]) == {"1", "2"}
+    for n, rate in out["ray_rows_per_s"].items():
+        assert rate > 0
+        assert out["scaling"][n] == pytest.approx(rate / (int(n) * one), rel=1e-2)
+    assert out["ratio"] == out["scaling"]["2"]
+
+
+@pytest.mark.ray
+def test_train_ratio_is_ray_over_step_only(capsys, ray_local, tiny_data):
+    out = _run(capsys, "train", "--data", tiny_data, "--ll-len", "30", "--st-len", "6", "--batch", "128", "--epochs", "2",
+               "--steps", "2", "--repeats", "1", "--cpus-per-worker", "0.5", *TINY_JOB, "--no-mlflow")
+    assert len(out["ray_epochs_samples_per_s"]) == 2 and out["threads_per_worker"] == 1
+    assert out["ray_samples_per_s"] == out["ray_epochs_samples_per_s"][1]  # the warm-up epoch is not counted
+    assert out["ratio"] == pytest.approx(out["ray_samples_per_s"] / out["step_only_samples_per_s"], rel=1e-2)
+    assert 0 < out["ratio"] < 5
+
+
+def test_startup_times_the_first_batch_of_a_real_train_command(capsys, tiny_data):
+    out = _run(capsys, "startup", "--data", tiny_data, "--ll-len", "30", "--st-len", "6", "--repeats", "1",
+               *TINY_JOB, "--no-mlflow")
+    assert out["seconds_to_first_batch"] > out["in_process_seconds"] > 0  # Ray's start-up is on top of the imports
+    assert out["ratio"] == pytest.approx(out["seconds_to_first_batch"] / out["in_process_seconds"], rel=1e-2)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["ingest", "--cpus", "0"], "--cpus"),
+    (["step", "--models", "nope"], "--models"),
+    (["step", "--ll-len", "500,x"], "--ll-len"),
+    (["step", "--dtypes", "bf16"], "--dtypes bf16"),
+    (["latency", "--device", "cuda"], "--device cuda"),
+])
+def test_mistakes_are_one_line_errors(capsys, argv, option):
+    import torch
+
+    if option == "--device cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["bench", *argv, "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"raylsm: error: {option}")
