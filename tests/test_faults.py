@@ -161,3 +161,102 @@ def test_ctrl_c_leaves_no_running_mlflow_run_and_no_ray_processes(interrupted_ru
 
     _wait_for(lambda: not alive(), 30, "the run's Ray processes to exit")
     assert len(interrupted_run.processes) >= 4  # the driver, GCS, raylet, a training worker at least
+
+
+# ----------------------------------------------------------------------------- node lost
+
+
+def _node_loss_child(data: Path, tmp: Path) -> dict:
+    """In a child process: a head and two worker nodes (loopback, ``ray.cluster_utils.Cluster``); the node
+    running the training worker is removed after the first checkpoint; the run joins the cluster through
+    RAY_ADDRESS as a submitted job would."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on 127.0.0.1
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import psutil
+    from ray.cluster_utils import Cluster
+
+    from raylsm.train.run import run_training
+
+    # The head has 1 CPU (Ray Data), each worker node 2: the 2-CPU training worker fits on a worker node only.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address
+    run_dir = tmp / "runs" / "node-loss"
+    removed: list[str] = []
+
+    def hosts_training(node) -> bool:
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        return any("RayTrainWorker" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
+
+    def remove_training_node() -> None:
+        _wait_for(lambda: _checkpoints(run_dir) >= 1, 300, "the first checkpoint")
+        victim = next(n for n in nodes if hosts_training(n))
+        cluster.remove_node(victim, allow_graceful=False)
+        removed.append(victim.node_id)
+
+    watcher = threading.Thread(target=remove_training_node, daemon=True)
+    watcher.start()
+    try:
+        job = _job(data, tmp, "train.epochs=3", "name=node-loss", "train.cpus_per_worker=2", "train.max_failures=2")
+        result = run_training(job)
+        watcher.join(timeout=5)
+        survivor = [n.node_id for n in nodes if n.node_id not in removed]
+        return {"result": result, "removed": removed, "survivor": survivor,
+                "survivor_alive": all(n.remaining_processes_alive() for n in nodes if n.node_id in survivor)}
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.ray
+def test_node_lost_mid_training_run_resumes_on_remaining_node(fault_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = (f"import json; from pathlib import Path; from tests.test_faults import _node_loss_child; "
+            f"print(json.dumps(_node_loss_child(Path({str(fault_data)!r}), Path({str(tmp_path)!r}))))")
+    proc = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["removed"]) == 1 and out["survivor_alive"], out
+    result = out["result"]
+    client = MlflowClient(tracking_uri=result["tracking_uri"])
+    assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    # Resumed from the last checkpoint, not from scratch: every epoch logged once, all three finished.
+    steps = sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "train_loss"))
+    assert steps == [0, 1, 2], steps
+
+
+# ----------------------------------------------------------------------------- shard deleted
+
+
+@pytest.mark.ray
+def test_shard_deleted_mid_run_is_one_clear_line_naming_the_file(fault_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(fault_data, data)  # this test's own copy: deleting a shard harms no other test
+    shard = sorted((data / "train").rglob("*.parquet"))[-1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    cmd = [PYTHON, "-m", "raylsm", "train", "--model", "lcn", "--data", str(data), "--epochs", "5", "--workers", "1",
+           "--storage", str(tmp_path / "runs"), "--name", "deleted", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    for kv in TINY:
+        cmd += ["--set", kv]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _checkpoints(tmp_path / "runs" / "deleted") >= 1 or proc.poll() is not None, 300,
+                  "the first checkpoint")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        shard.unlink()
+        deleted_at = time.time()
+        out, err = proc.communicate(timeout=240)  # an error, not a hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.time() - deleted_at < 240
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("raylsm: error: ") and str(shard) in last, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]

@@ -137,3 +137,40 @@ def test_local_cluster_listens_on_loopback_only(interrupted_run):
 def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("192.0.2.2")
+
+
+def test_joining_a_cluster_leaves_auth_mode_as_the_user_set_it(monkeypatch):
+    import ray
+
+    from raylsm.train import run
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append((dict(kw), os.environ.get("RAY_AUTH_MODE"))))
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    run.ensure_ray()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    run.ensure_ray()
+    assert [(kw["address"], mode) for kw, mode in calls] == [("10.1.2.3:6379", None), ("10.1.2.3:6379", "token")]
+    assert "RAY_AUTH_MODE" in os.environ and os.environ["RAY_AUTH_MODE"] == "token"
+
+
+def test_local_cluster_is_started_on_loopback(monkeypatch):
+    import ray
+
+    from raylsm.train import run
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(dict(kw)))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for name in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    run.ensure_ray(num_cpus=2)
+    (kw,) = calls
+    assert kw["address"] == "local" and kw["_node_ip_address"] == "127.0.0.1" and kw["dashboard_host"] == "127.0.0.1"
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{kw['dashboard_port']}"
+    assert os.environ["RAY_AUTH_MODE"] == "token"  # the user's choice stands
