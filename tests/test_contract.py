@@ -184,3 +184,13 @@ def test_yaml_syntax_error_names_line(tmp_path):
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith(f"{path}:5:") and "not valid YAML" in message, message
+
+
+def test_shards_gone_names_each_deleted_shard(dataset):
+    from raylsm.data.contract import list_shards, shards_gone
+
+    shards = list_shards(dataset)
+    assert len(shards) == 3 and shards_gone(shards) is None
+    shards[1].unlink()
+    error = shards_gone(shards)
+    assert error is not None and error.problems == [f"{shards[1]}: shard deleted or moved while training read the dataset"]

@@ -189,6 +189,19 @@ def shard_files(root: str | os.PathLike, split: str) -> list[Path]:
     return sorted(p for p in base.rglob("*.parquet") if p.is_file())
 
 
+def list_shards(root: str | os.PathLike) -> list[Path]:
+    """Every shard of every split: what a training reads (see :func:`shards_gone`)."""
+    return [p for split in SPLITS for p in shard_files(root, split)]
+
+
+def shards_gone(shards: list[Path]) -> ContractError | None:
+    """The error to report when a training failed because shards it was reading were deleted or moved."""
+    gone = [p for p in shards if not p.is_file()]
+    if not gone:
+        return None
+    return ContractError([f"{p}: shard deleted or moved while training read the dataset" for p in gone])
+
+
 # ----------------------------------------------------------------------------- validation
 
 

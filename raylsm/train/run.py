@@ -16,7 +16,7 @@ from pathlib import Path
 
 from raylsm.config import ConfigError
 from raylsm.data.collate import CollateSpec
-from raylsm.data.contract import validate_dataset
+from raylsm.data.contract import list_shards, shards_gone, validate_dataset
 from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
 from raylsm.train.config import JobConfig, default_tracking_uri, job_to_dict
@@ -268,6 +268,7 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
               **(extra_tags or {})},
         parent_run_id=parent_run_id,
     )
+    shards = list_shards(job.data.path)
     try:
         trainer = build_trainer(job, vocab, run_name, mlflow_run_id, tracking_uri, callbacks, plan)
         result = trainer.fit()
@@ -286,6 +287,9 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
         raise KeyboardInterrupt from None
     except BaseException:
         end_run(tracking_uri, mlflow_run_id, "FAILED")
+        gone = shards_gone(shards)  # a shard deleted mid-run: name it, not Ray's wrapped read error
+        if gone is not None:
+            raise gone from None
         raise
     end_run(tracking_uri, mlflow_run_id, "FINISHED")
     last = result.metrics
