@@ -191,7 +191,8 @@ def _node_loss_child(data: Path, tmp: Path) -> dict:
         return any("RayTrainWorker" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
 
     def remove_training_node() -> None:
-        _wait_for(lambda: _checkpoints(run_dir) >= 1, 300, "the first checkpoint")
+        # Registered by the controller (its snapshot written), not only written to storage.
+        _wait_for(lambda: (run_dir / "checkpoint_manager_snapshot.json").exists(), 300, "the first registered checkpoint")
         victim = next(n for n in nodes if hosts_training(n))
         cluster.remove_node(victim, allow_graceful=False)
         removed.append(victim.node_id)
