@@ -19,9 +19,9 @@ The search (DESIGN §1, §5):
    ``raylsm.trial_status=stopped_by_scheduler``; finished ones are tagged ``completed``, failed
    ones ``failed``. The parent gets the best trial's config and metrics and a trials table.
 
-Resources: each trial reserves ``data.task_cpus`` for its driver and its Ray Data tasks (Tune's
-placement group captures them) and its workers ``train.cpus_per_worker`` (``train.gpus_per_worker``
-with ``--gpu``); ``concurrency`` trials together must fit the cluster, or the search is refused
+Resources: each trial reserves ``TRIAL_CPU`` for its driver and ``train.cpus_per_worker`` for each
+worker (``train.gpus_per_worker`` with ``--gpu``), and leaves ``data.task_cpus`` free for its Ray Data
+read tasks, which run outside any placement group; ``concurrency`` trials together must fit the cluster, or the search is refused
 before it starts (without an explicit ``train.cpus_per_worker`` the worker CPU is sized to fit).
 """
 
@@ -40,9 +40,10 @@ from typing import Any
 from raylsm.config import ConfigError
 from raylsm.tune.space import Space, describe, load_space, trial_job
 
-# A trial is a Tune actor in a placement group that captures its child tasks: the TorchTrainer's
-# controller (0 CPU) and Ray Data's read tasks run inside the trial's bundle (the workers get their
-# own). So the bundle holds ``data.task_cpus`` for Ray Data; with less, reads never start.
+# A trial is a Tune actor that only waits on its TorchTrainer (whose controller takes 0 CPU): it
+# reserves TRIAL_CPU. Ray Data's read tasks run outside every placement group, so each concurrent
+# trial must also leave ``data.task_cpus`` of the cluster free for them, or its reads never start.
+TRIAL_CPU = 0.1
 STATE_FILE = "raylsm-search.json"
 
 
@@ -82,7 +83,7 @@ def _explicit(space: Space, overrides: list[str], key: str) -> bool:
 
 def fit_resources(space: Space, req: SearchRequest, job, concurrency: int, total_cpus: float) -> list[str]:
     """Extra ``--set`` overrides that size the worker CPU so ``concurrency`` trials fit; or a one-line error."""
-    workers, trial_cpu = job.train.workers, job.data.task_cpus
+    workers, trial_cpu = job.train.workers, TRIAL_CPU + job.data.task_cpus
     per_trial = trial_cpu + workers * job.train.cpus_per_worker
     if concurrency * per_trial <= total_cpus + 1e-9:
         return []
@@ -93,7 +94,7 @@ def fit_resources(space: Space, req: SearchRequest, job, concurrency: int, total
                   f"+ {workers} workers) fit {total_cpus:g} CPUs", file=sys.stderr)
             return [f"train.cpus_per_worker={cpw}"]
     raise ConfigError(
-        f"--concurrency {concurrency}: {concurrency} trials x (data.task_cpus {trial_cpu:g} + {workers} workers x "
+        f"--concurrency {concurrency}: {concurrency} trials x ({TRIAL_CPU} + data.task_cpus {job.data.task_cpus:g} + {workers} workers x "
         f"{job.train.cpus_per_worker:g} CPU) do not fit the cluster's {total_cpus:g} CPUs; lower --concurrency, "
         "--workers-per-trial, train.cpus_per_worker or data.task_cpus"
     )
@@ -319,7 +320,7 @@ def _redact(uri: str) -> str:
 
 
 def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurrency: int, overrides: list[str],
-         flags: dict, parent_run_id: str, name: str, storage: Path, search_dir: Path, epochs: int, trial_cpu: float):
+         flags: dict, parent_run_id: str, name: str, storage: Path, search_dir: Path, epochs: int, data_cpu: float):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -328,7 +329,7 @@ def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurren
         tune_trial, space_path=str(space.path.resolve()), searcher=searcher, overrides=overrides, flags=flags,
         parent_run_id=parent_run_id, search_name=name, trials_storage=str(search_dir / "trials"),
     )
-    trainable = tune.with_resources(trainable, {"cpu": trial_cpu})
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
     if req.resume:
         tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
