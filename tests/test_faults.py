@@ -258,6 +258,7 @@ def test_shard_deleted_mid_run_is_one_clear_line_naming_the_file(fault_data, tmp
             proc.kill()
     assert time.time() - deleted_at < 240
     assert proc.returncode == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("raylsm: error: ") and str(shard) in last, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
+    # The driver's verdict is one line naming the file (Ray's forwarded worker logs may surround it).
+    ours = [line for line in err.splitlines() if line.startswith("raylsm: error: ")]
+    assert ours == [f"raylsm: error: {shard}: shard deleted or moved while training read the dataset"], err[-3000:]
+    assert out.strip() == "" or '"mlflow_run_id"' not in out.strip().splitlines()[-1]
