@@ -372,7 +372,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     result = runners[args.bench](args)
     result["seconds"] = round(time.perf_counter() - started, 1)
     if not args.no_mlflow:
-        result["mlflow_run_id"] = log_result(result, args)
+        try:
+            result["mlflow_run_id"] = log_result(result, args)
+        except Exception as e:  # the figures are printed whatever the store does
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            log(f"raylsm: bench result not logged to MLflow ({reason})")
+            result["mlflow_run_id"] = None
     return result
 
 
