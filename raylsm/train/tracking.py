@@ -156,8 +156,15 @@ def start_run(
     mlflow.set_tracking_uri(tracking_uri)
     from mlflow.entities import DatasetInput, InputTag
 
-    dataset = _dataset_input(job, manifest)
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
+    dataset = DatasetInput(_dataset_input(job, manifest)._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=[dataset])
+            break
+        except Exception as e:  # concurrent trials insert the same dataset row: the retry finds it
+            if attempt == 2:
+                print(f"raylsm: dataset input not logged ({str(e).splitlines()[0][:160]})", file=sys.stderr)
+            time.sleep(0.5 * (attempt + 1))
     return run_id
 
 
