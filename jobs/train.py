@@ -7,18 +7,9 @@ directly, it starts a local Ray. The last stdout line is the JSON result.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from raylsm.cli import add_train_args, cmd_train, main
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    add_train_args(p)
-    p.set_defaults(fn=cmd_train)
-    return p
-
+from raylsm.cli import add_train_args, cmd_train, entry_parser, main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], parser=_parser()))
+    sys.exit(main(sys.argv[1:], parser=entry_parser("python -m jobs.train", __doc__, add_train_args, cmd_train)))

@@ -7,18 +7,9 @@ it starts a local Ray. The last stdout line is the JSON summary.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from raylsm.cli import add_tune_args, cmd_tune, main
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.splitlines()[0])
-    add_tune_args(p)
-    p.set_defaults(fn=cmd_tune)
-    return p
-
+from raylsm.cli import add_tune_args, cmd_tune, entry_parser, main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], parser=_parser()))
+    sys.exit(main(sys.argv[1:], parser=entry_parser("python -m jobs.tune", __doc__, add_tune_args, cmd_tune)))

@@ -228,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry_parser(prog: str, doc: str, add_args, fn) -> argparse.ArgumentParser:
+    """The parser of a ``python -m jobs.<name>`` entry point: one command's flags under its own name."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    add_args(p)
+    p.set_defaults(fn=fn)
+    return p
+
+
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
     from raylsm.data.contract import ContractError
