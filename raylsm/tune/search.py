@@ -361,7 +361,8 @@ def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurren
         trainable,
         param_space=space.param_space(searcher),
         tune_config=tune.TuneConfig(metric=f.metric, mode=f.mode, num_samples=trials, scheduler=scheduler,
-                                    search_alg=search_alg, max_concurrent_trials=concurrency),
+                                    search_alg=search_alg,
+                                    max_concurrent_trials=None if searcher == "optuna" else concurrency),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
                                   callbacks=[_progress_callback(f.metric, f.mode, _expected(space, searcher, trials))]),
     )
