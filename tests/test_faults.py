@@ -247,7 +247,7 @@ def test_shard_deleted_mid_run_is_one_clear_line_naming_the_file(fault_data, tmp
         cmd += ["--set", kv]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: _checkpoints(tmp_path / "runs" / "deleted") >= 1 or proc.poll() is not None, 300,
+        _wait_for(lambda: _checkpoints(tmp_path / "runs" / "deleted") >= 1 or proc.poll() is not None, 600,
                   "the first checkpoint")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         shard.unlink()

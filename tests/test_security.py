@@ -97,7 +97,7 @@ def interrupted_run(tmp_path_factory) -> InterruptedRun:
     root = psutil.Process(proc.pid)
     run_dir = tmp / "runs" / "interrupted"
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
             checkpoints = run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
             if checkpoints and any("RayTrainWorker" in _cmdline(p) for p in _tree(root)):
