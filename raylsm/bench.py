@@ -124,10 +124,11 @@ def random_batch(b: int, s: int, l: int, vocab: dict, seed: int = 0) -> dict:
     return batch
 
 
-def time_train_steps(net, batch: dict, device, steps: int, bf16: bool = False, warmup: int = 1, lr: float = 1e-3) -> list[float]:
+def time_train_steps(net, batch: dict | list[dict], device, steps: int, bf16: bool = False, warmup: int = 1,
+                     lr: float = 1e-3) -> list[float]:
     """Seconds of each of ``steps`` training steps after ``warmup`` ones, through the trainer's own epoch loop.
 
-    ``batch`` should already be on ``device`` (the step alone, no input pipeline).
+    ``batch`` (or a list of batches, cycled) should already be on ``device``: the step alone, no input pipeline.
     """
     import torch
 
@@ -146,7 +147,8 @@ def time_train_steps(net, batch: dict, device, steps: int, bf16: bool = False, w
     sync(device)
     last[0] = time.perf_counter()
     total = warmup + steps
-    train_epoch(net, opt, itertools.repeat(batch, total), device, max_steps=total, bf16=bf16, on_step=on_step)
+    batches = itertools.cycle(batch) if isinstance(batch, list) else itertools.repeat(batch)
+    train_epoch(net, opt, batches, device, max_steps=total, bf16=bf16, on_step=on_step)
     return times[warmup:]
 
 
@@ -194,20 +196,22 @@ def step_child(model: str, b: int, l: int, steps: int, overrides: list[str], thr
     torch.manual_seed(seed)
     extra = apply_overrides({}, overrides, ModelConfig)
     net = build_model(preset_config(model, extra), Vocab(**DEFAULT_VOCAB)).to(device)
-    if compile_:
-        net.compile()
     batch = to_device(random_batch(b, st_len, l, DEFAULT_VOCAB, seed), device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    warmup = 3 if compile_ else 1
     row: dict[str, Any] = {"model": model, "batch": b, "ll_len": l, "threads": torch.get_num_threads(),
                            "compile": compile_, "params": sum(p.numel() for p in net.parameters())}
-    for dtype in dtypes:
-        bf16 = dtype == "bf16"
-        train = time_train_steps(net, batch, device, steps, bf16=bf16, warmup=warmup)
-        row[f"train_ms_{dtype}"] = round(1000 * median(train), 2)
-        row[f"train_samples_per_s_{dtype}"] = round(b / median(train), 1)
-        if infer:
-            row[f"infer_ms_{dtype}"] = round(1000 * median(time_inference(net, batch, device, steps, bf16, warmup)), 2)
+    # Eager first; with compile_, the same model again after ``net.compile()`` (train.compile), keys suffixed _compiled.
+    for suffix in ("", "_compiled") if compile_ else ("",):
+        if suffix:
+            net.compile()
+        warmup = 3 if suffix else 1  # compiling happens in the first steps (and once more for eval mode)
+        for dtype in dtypes:
+            bf16 = dtype == "bf16"
+            train = time_train_steps(net, batch, device, steps, bf16=bf16, warmup=warmup)
+            row[f"train_ms_{dtype}{suffix}"] = round(1000 * median(train), 2)
+            row[f"train_samples_per_s_{dtype}{suffix}"] = round(b / median(train), 1)
+            if infer:
+                row[f"infer_ms_{dtype}{suffix}"] = round(1000 * median(time_inference(net, batch, device, steps, bf16, warmup)), 2)
     row["rss_before_steps_mb"] = round(rss_before, 1)
     row.update(peak_memory(device))
     return row
@@ -424,7 +428,8 @@ def add_bench_parsers(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", default="fp32", help="fp32,bf16 (bf16: CUDA only, as in training)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up); the median is reported")
     p.add_argument("--no-infer", action="store_true", help="training steps only")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the model after torch.compile (train.compile), in the same process: *_compiled keys")
 
     p = sub.add_parser("train", help="samples/s of a short Ray Train run vs the training step alone")
     common(p)

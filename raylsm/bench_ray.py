@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -153,15 +154,17 @@ def step_only_child(job_dict: dict, data: str, steps: int, repeats: int, threads
     manifest = read_manifest(data)
     device = torch.device(device_name)
     spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
-    batch = next(iter_local_batches(data, "train", spec, job.train.batch_size))
-    batch = to_device({k: torch.from_numpy(v) for k, v in batch.items()}, device)
+    # Distinct real batches, cycled: one repeated batch would keep its embedding rows in cache.
+    first = itertools.islice(iter_local_batches(data, "train", spec, job.train.batch_size, shuffle_seed=job.train.seed), steps + 1)
+    batches = [to_device({k: torch.from_numpy(v) for k, v in b.items()}, device) for b in first]
+    batches = [b for b in batches if len(b["label"]) == job.train.batch_size] or batches
     rates = []
     for _ in range(repeats):
         seed_everything(job.train.seed)
         net = build_model(job.model, Vocab.from_manifest(manifest)).to(device)
         if job.train.compile:
             net.compile()
-        times = time_train_steps(net, batch, device, steps, bf16=job.train.bf16 and device.type == "cuda",
+        times = time_train_steps(net, batches, device, steps, bf16=job.train.bf16 and device.type == "cuda",
                                  warmup=3 if job.train.compile else 1, lr=job.train.lr)
         rates.append(job.train.batch_size / median(times))
     return rates
