@@ -164,7 +164,10 @@ class CRPConfig:
 
     enabled: bool = False
     weight: float = 0.1
-    tau: float = 0.1
+    # Temperature of eqs. 3-5. The paper's 0.1 lets same-interest negatives (different users who
+    # share an interest) dominate the denominator and pull the shared item tables apart: LCN fell
+    # far below LAP with it (README "Model readings"); 1.0 is the measured default.
+    tau: float = 1.0
     m: int = 1024
     lambda_pt: float = 1.0
     lambda_ps: float = 1.0

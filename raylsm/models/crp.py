@@ -15,7 +15,8 @@ source (``st_src``) sequences. Three pair types, each with its own loss (eqs. 3-
   two rows belong to the same user is discarded (masked), so the denominator sums the valid
   negatives only (typically a little fewer than M).
 
-Loss per type (eqs. 3-5), with ``s`` the cosine similarity and τ the temperature::
+Loss per type (eqs. 3-5), with ``s`` the cosine similarity and τ the temperature (``tau``;
+default 1.0, the paper's 0.1 measured far worse, see ``CRPConfig``)::
 
     L = -(1/|B|) Σ_i [ s(p1_i, p2_i)/τ - log Σ_j exp(s(n1_j, n2_j)/τ) ]
 
