@@ -279,7 +279,10 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
         best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), result.metrics)
         head = headline(best_metrics)
         model_uri = log_model(tracking_uri, mlflow_run_id, best.path, job, manifest)
-        finish_run(tracking_uri, mlflow_run_id, head, {"raylsm.checkpoint": best.path, "raylsm.ray_run_path": result.path})
+        # Headline metrics under names of their own (val_auc stays the per-epoch series; the kept
+        # checkpoint's validation AUC is the last point of best_val_auc).
+        finish_run(tracking_uri, mlflow_run_id, {k: v for k, v in head.items() if k != "val_auc"},
+                   {"raylsm.checkpoint": best.path, "raylsm.ray_run_path": result.path})
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C during fit() reaches Ray Train's own SIGINT handler, which aborts the run and calls
         # sys.exit(0) (SystemExit, not KeyboardInterrupt): both are the user stopping the run.

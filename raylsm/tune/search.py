@@ -211,7 +211,7 @@ def _trials_table(client, runs: list, metric: str) -> list[dict]:
         row = {"trial_id": run.data.tags.get("raylsm.trial_id", ""), "mlflow_run_id": run.info.run_id,
                "status": run.data.tags.get("raylsm.trial_status", run.info.status),
                "epochs": len(history), f"best_{metric}": (max(values) if values else float("nan")),
-               **{k: run.data.metrics.get(k) for k in ("auc", "gauc", "logloss", "val_auc")}}
+               **{k: run.data.metrics.get(k) for k in ("auc", "gauc", "logloss", "best_val_auc")}}
         row.update({f"param.{k}": v for k, v in json.loads(run.data.tags.get("raylsm.trial_config", "{}")).items()})
         rows.append(row)
     return rows
@@ -399,6 +399,7 @@ def _summarise(client, exp_id: str, parent_run_id: str, space: Space, results, t
     config = json.loads(best_run.data.tags.get("raylsm.trial_config", "{}"))
     best = {"config": config, f"best_{f.metric}": best_value, "trial_id": best_run.data.tags.get("raylsm.trial_id"),
             "mlflow_run_id": best_run.info.run_id, "status": tags.get(best_run.info.run_id, best_run.info.status)}
-    for k in ("auc", "gauc", "logloss", "val_auc", "best_epoch"):
+    for k in ("auc", "gauc", "logloss", "best_epoch"):
         best[k] = best_run.data.metrics.get(k)
+    best["val_auc"] = best_run.data.metrics.get("best_val_auc")  # the kept checkpoint's validation AUC
     return {"best": best, "counts": counts, "metric": f.metric, "mode": f.mode}
