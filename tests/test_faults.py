@@ -143,7 +143,8 @@ def test_ctrl_c_leaves_no_running_mlflow_run_and_no_ray_processes(interrupted_ru
 
     assert interrupted_run.returncode == 130, interrupted_run.stderr[-3000:]
     assert "Traceback" not in interrupted_run.stderr, interrupted_run.stderr[-3000:]
-    assert interrupted_run.stderr.strip().splitlines()[-1] == "raylsm: interrupted"
+    # The driver's one line (Ray's forwarded worker logs may follow it).
+    assert [line for line in interrupted_run.stderr.splitlines() if line.startswith("raylsm:")] == ["raylsm: interrupted"]
     client = MlflowClient(tracking_uri=interrupted_run.tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments)
