@@ -179,7 +179,9 @@ def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str
     for run in _children(client, experiment_id, parent_run_id):
         status = run.info.status
         trial = tune_status.get(run.data.tags.get("raylsm.trial_id", ""), "")
-        if status == "RUNNING":
+        if status == "RUNNING" or (status == "FAILED" and trial == "TERMINATED"):
+            # A trial Tune terminated whose run did not finish was stopped by the scheduler: its trainer
+            # was killed (run left RUNNING) or its fit() was aborted mid-epoch (run ended FAILED).
             tag = {"TERMINATED": "stopped_by_scheduler", "ERROR": "failed"}.get(trial, "interrupted")
             client.set_terminated(run.info.run_id, status="FAILED" if tag == "failed" else "KILLED")
         elif status == "FINISHED":
