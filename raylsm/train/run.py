@@ -238,8 +238,12 @@ def preflight(job: JobConfig, validated: bool = False) -> tuple:
     plan = plan_splits(job.data.path, manifest, job.data.val_fraction)
     check_storage(job.storage)
     check_local_gpus(job)
-    if not validated and not os.environ.get("RAY_ADDRESS") and not _ray_running():
-        check_cpu_budget(job, local_cpus())  # the local cluster's size is known before it starts
+    if not validated:
+        if _ray_running():  # this process is already connected: ask the cluster itself
+            check_cpu_budget(job)
+            check_cluster_gpus(job)
+        elif not os.environ.get("RAY_ADDRESS"):
+            check_cpu_budget(job, local_cpus())  # the local cluster's size is known before it starts
     tracking_uri = job.mlflow.tracking_uri or default_tracking_uri()
     check_store(tracking_uri)
     return manifest, plan, tracking_uri
