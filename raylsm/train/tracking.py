@@ -85,7 +85,7 @@ def redact_uri(uri: str) -> str:
 def used_config(job) -> dict[str, Any]:
     """The resolved job config reduced to what the run uses: the chosen lifelong module's block and the
     enabled enhancements only (a ``din`` run logs no ``model.twin.*``); the tracking URI redacted."""
-    cfg = to_dict(job)
+    cfg = _redacted(job)
     model = cfg["model"]
     kept = {"lifelong": model["lifelong"], "head": model["head"], "features": model["features"],
             model["lifelong"]: model[model["lifelong"]]}
@@ -94,9 +94,30 @@ def used_config(job) -> dict[str, Any]:
         kept[block] = model[block] if on else {"enabled": False}
     kept["context"] = model["context"] if model["context"]["kind"] != "none" else {"kind": "none"}
     cfg["model"] = kept
+    return cfg
+
+
+def _redacted(job) -> dict:
+    """The job as plain data with its tracking URI's credentials removed."""
+    cfg = to_dict(job)
     if cfg.get("mlflow", {}).get("tracking_uri"):
         cfg["mlflow"]["tracking_uri"] = redact_uri(cfg["mlflow"]["tracking_uri"])
     return cfg
+
+
+def _context_tags(tags: dict[str, str]) -> dict[str, str]:
+    """``tags`` plus what ``mlflow.start_run`` would add: source name/type, user, git commit."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags(tags)
+    if "mlflow.source.git.commit" not in tags and (commit := _git_commit()):
+        tags["mlflow.source.git.commit"] = commit  # MLflow finds it only with GitPython installed
+    return tags
+
+
+def _log_params(client, run_id: str, params: list) -> None:
+    for i in range(0, len(params), _PARAM_CHUNK):
+        client.log_batch(run_id, params=params[i : i + _PARAM_CHUNK])
 
 
 def manifest_digest(manifest) -> str:
@@ -128,10 +149,8 @@ def start_run(
     parent_run_id: str | None = None,
 ) -> str:
     """Create a run with context tags, used params, the job YAML and the dataset input; return its id."""
-    import mlflow
     import yaml
-    from mlflow.entities import Param, RunTag
-    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.entities import DatasetInput, InputTag, Param, RunTag
 
     check_store(tracking_uri)
     client = _client(tracking_uri)
@@ -139,23 +158,12 @@ def start_run(
                 "raylsm.dataset_digest": manifest_digest(manifest), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    all_tags = resolve_tags(all_tags)  # mlflow.source.name/type, mlflow.user, mlflow.source.git.commit
-    if "mlflow.source.git.commit" not in all_tags and (commit := _git_commit()):
-        all_tags["mlflow.source.git.commit"] = commit  # MLflow finds it only with GitPython installed
+    all_tags = _context_tags(all_tags)
     run = client.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=all_tags, run_name=run_name or None)
     run_id = run.info.run_id
-    used = used_config(job)
-    flat = [Param(k, str(v)[:6000]) for k, v in flatten(used).items()]
-    for i in range(0, len(flat), _PARAM_CHUNK):
-        client.log_batch(run_id, params=flat[i : i + _PARAM_CHUNK])
+    _log_params(client, run_id, [Param(k, str(v)[:6000]) for k, v in flatten(used_config(job)).items()])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items() if k.startswith("raylsm.")])
-    job_dict = to_dict(job)
-    if job_dict["mlflow"].get("tracking_uri"):
-        job_dict["mlflow"]["tracking_uri"] = redact_uri(job_dict["mlflow"]["tracking_uri"])
-    client.log_text(run_id, yaml.safe_dump(job_dict, sort_keys=False), "job.yaml")
-    mlflow.set_tracking_uri(tracking_uri)
-    from mlflow.entities import DatasetInput, InputTag
-
+    client.log_text(run_id, yaml.safe_dump(_redacted(job), sort_keys=False), "job.yaml")
     dataset = DatasetInput(_dataset_input(job, manifest)._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
     for attempt in range(3):
         try:
@@ -271,20 +279,16 @@ def finish_run(tracking_uri: str, run_id: str, metrics: dict[str, Any], tags: di
 def start_parent_run(tracking_uri: str, job, manifest, name: str, settings: dict, space: dict, space_file: Path) -> str:
     """The parent run of a tuning search: settings as params, the space file and its parsed form as artifacts."""
     from mlflow.entities import Param, RunTag
-    from mlflow.tracking.context.registry import resolve_tags
 
     client = _client(tracking_uri)
     tags = {"raylsm.search": name, "raylsm.kind": "search", "raylsm.dataset": manifest.name,
             "raylsm.dataset_digest": manifest_digest(manifest), "raylsm.model": job.preset}
-    tags = resolve_tags(tags)
-    if "mlflow.source.git.commit" not in tags and (commit := _git_commit()):
-        tags["mlflow.source.git.commit"] = commit
+    tags = _context_tags(tags)
     run = client.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=tags, run_name=name)
     run_id = run.info.run_id
     params = [Param(f"search.{k}", str(v)[:6000]) for k, v in settings.items()]
     params += [Param(f"space.{k}", json.dumps(v)[:6000]) for k, v in space.items()]
-    for i in range(0, len(params), _PARAM_CHUNK):
-        client.log_batch(run_id, params=params[i : i + _PARAM_CHUNK])
+    _log_params(client, run_id, params)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if k.startswith("raylsm.")])
     client.log_artifact(run_id, str(space_file))
     client.log_dict(run_id, space, "space.json")
