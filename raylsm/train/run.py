@@ -171,6 +171,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
 
     from raylsm.data.contract import read_manifest
     from raylsm.data.pipeline import read_split
+    from raylsm.train.backend import torch_config
 
     manifest = read_manifest(job.data.path)
     plan = plan or plan_splits(job.data.path, manifest, job.data.val_fraction)
@@ -192,6 +193,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
     score = "val_auc" if plan.val is not None else "epoch"
     return TorchTrainer(
         train_loop_per_worker,
+        torch_config=torch_config(),
         train_loop_config={
             "job": job_to_dict(job),
             "vocab": vocab.__dict__,
