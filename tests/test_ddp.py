@@ -81,18 +81,21 @@ def test_unused_parameters_found_only_where_there_are_some(ddp_data, tmp_path):
 def test_every_preset_trains_two_ddp_steps_with_two_workers(ray_local, ddp_data, tmp_path):
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from raylsm.train.backend import LoopbackTorchConfig, torch_config
 
     from raylsm.data.pipeline import read_split
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests package
+    assert isinstance(torch_config(), LoopbackTorchConfig)
     jobs = _jobs(ddp_data, tmp_path)
     manifest = read_manifest(ddp_data)
     spec = CollateSpec(5, 20, tuple(manifest.profile_fields))
     trainer = TorchTrainer(
         _each_job,
         train_loop_config={"jobs": [job_to_dict(j) for j in jobs.values()], "vocab": Vocab.from_manifest(manifest).__dict__},
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=torch_config(),  # gloo over a file rendezvous on this loopback cluster
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(name="ddp-presets", storage_path=str(tmp_path / "runs"),
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
@@ -141,8 +144,48 @@ def test_restore_checkpoint_restores_weights_optimizer_and_rng_exactly(ddp_data,
     for idx, st in saved["optimizer"]["state"].items():
         for key, value in st.items():
             assert torch.equal(torch.as_tensor(restored["state"][idx][key]), torch.as_tensor(value)), (idx, key)
-    assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
-    torch.set_rng_state(saved["torch_rng"])
-    expected = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), saved["rng"][0]["torch"])
+    import random
+
+    import numpy as np
+
+    from raylsm.train.loop import set_rng_state
+
+    set_rng_state(saved["rng"][0])
+    expected = (torch.rand(4), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
     restore_checkpoint(str(tmp_path), fresh, fresh_opt)
-    torch.testing.assert_close(torch.rand(4), expected)  # the same random numbers as the saved run would draw
+    # The same random numbers as the saved run would draw, from every generator.
+    torch.testing.assert_close(torch.rand(4), expected[0])
+    np.testing.assert_array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_each_rank_resumes_its_own_generators_and_another_world_size_is_reseeded(ddp_data, tmp_path, capsys):
+    from raylsm.train.loop import rng_state, save_checkpoint, seed_everything
+
+    job = _jobs(ddp_data, tmp_path)["lcn"]
+    vocab = Vocab.from_manifest(read_manifest(ddp_data))
+    model = build_model(job.model, vocab)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    states, draws = [], []
+    for rank in range(2):  # what two ranks seeded seed + rank hold at the checkpoint
+        seed_everything(7 + rank)
+        torch.rand(3)
+        states.append(rng_state())
+        draws.append(torch.rand(5))
+    assert not torch.equal(draws[0], draws[1])
+    save_checkpoint(str(tmp_path), model, optimizer, 2, job, vocab, {}, rng_states=states)
+    for rank in range(2):
+        torch.manual_seed(123)
+        assert restore_checkpoint(str(tmp_path), model, optimizer, rank=rank, world_size=2, seed=7) == 3
+        torch.testing.assert_close(torch.rand(5), draws[rank])
+    # Three ranks from a two-rank checkpoint: no exact continuation, but distinct, seeded streams per rank.
+    fresh = []
+    for rank in range(3):
+        restore_checkpoint(str(tmp_path), model, optimizer, rank=rank, world_size=3, seed=7)
+        fresh.append(torch.rand(5))
+    assert not torch.equal(fresh[0], fresh[1]) and not torch.equal(fresh[1], fresh[2])
+    restore_checkpoint(str(tmp_path), model, optimizer, rank=1, world_size=3, seed=7)
+    torch.testing.assert_close(torch.rand(5), fresh[1])  # deterministic
+    assert "written by 2 worker(s), resumed on 3" in capsys.readouterr().err

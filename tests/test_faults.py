@@ -228,9 +228,10 @@ def test_node_lost_mid_training_run_resumes_on_remaining_node(fault_data, tmp_pa
     result = out["result"]
     client = MlflowClient(tracking_uri=result["tracking_uri"])
     assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
-    # Resumed from the last checkpoint, not from scratch: every epoch logged once, all three finished.
+    # Resumed from the last registered checkpoint, not from scratch: epoch 0 (checkpointed before the node went)
+    # is logged once, and all three epochs finished. The epoch the node was lost in may have been re-run.
     steps = sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "train_loss"))
-    assert steps == [0, 1, 2], steps
+    assert steps.count(0) == 1 and sorted(set(steps)) == [0, 1, 2] and len(steps) <= 4, steps
 
 
 # ----------------------------------------------------------------------------- shard deleted

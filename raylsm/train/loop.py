@@ -136,13 +136,50 @@ def predict(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torc
     }
 
 
-def save_checkpoint(directory: str, model: nn.Module, optimizer, epoch: int, job: JobConfig, vocab: Vocab, metrics: dict) -> None:
-    """Everything needed to resume or score: weights, optimizer, epoch, RNG, job config, vocab."""
+def rng_state() -> dict:
+    """This process's random generators: torch (CPU and the current CUDA device), NumPy, Python's ``random``.
+
+    Plain tensors, ints and tuples only, so that a checkpoint holding it loads with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's :func:`rng_state`, in rank order (a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    mine = rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)  # the ranks of this run's own process group, in memory
+    return states
+
+
+def save_checkpoint(directory: str, model: nn.Module, optimizer, epoch: int, job: JobConfig, vocab: Vocab, metrics: dict,
+                    rng_states: list[dict] | None = None) -> None:
+    """Everything needed to resume or score: weights, optimizer, epoch, every rank's RNG, job config, vocab."""
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
-        "torch_rng": torch.get_rng_state(),
+        "rng": rng_states if rng_states is not None else [rng_state()],
     }
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     meta = {"job": job_to_dict(job), "vocab": vocab.__dict__, "epoch": epoch, "metrics": metrics}
@@ -170,13 +207,31 @@ def model_from_checkpoint(directory: str, map_location: str | torch.device = "cp
     return model, meta
 
 
-def restore_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load weights, optimizer state and the torch RNG state of a checkpoint; return the epoch to start at."""
+def restore_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+                       world_size: int = 1, seed: int = 0) -> int:
+    """Load weights, optimizer state and this rank's RNG state of a checkpoint; return the epoch to start at.
+
+    A checkpoint written by as many ranks as now run restores each rank's generators exactly. With another
+    number of ranks there is no exact continuation: each rank is seeded afresh from ``seed``, the rank and the
+    epoch, and the run says so on stderr.
+    """
     state, _ = load_checkpoint(directory)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"]) + 1
+    start = int(state["epoch"]) + 1
+    states = state.get("rng") or [{"torch": state["torch_rng"], "cuda": None, "numpy": None, "python": None}]
+    if len(states) == world_size:
+        mine = states[rank]
+        if mine.get("numpy") is None:  # a checkpoint of an older layout: the torch generator only
+            torch.set_rng_state(mine["torch"])
+        else:
+            set_rng_state(mine)
+    else:
+        seed_everything(seed + rank + 100_003 * start)
+        if rank == 0:
+            print(f"raylsm: {directory} was written by {len(states)} worker(s), resumed on {world_size}: random "
+                  f"generators seeded afresh (weights and optimizer restored exactly)", file=sys.stderr)
+    return start
 
 
 def _meta_batch(b: int, st_len: int, ll_len: int, profile_fields: int) -> dict[str, Tensor]:
@@ -282,7 +337,7 @@ def train_loop_per_worker(config: dict) -> None:
     elif job.resume_from:
         resume_dir = job.resume_from
     if resume_dir is not None:
-        start_epoch = restore_checkpoint(resume_dir, model, optimizer)
+        start_epoch = restore_checkpoint(resume_dir, model, optimizer, rank, ctx.get_world_size(), job.train.seed)
     # DDP needs to know when the forward leaves parameters without a gradient (din, sdim: the ctx/gap tables).
     unused = unused_parameters(job, vocab) if ctx.get_world_size() > 1 else []
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True} if unused else None)
@@ -326,14 +381,18 @@ def train_loop_per_worker(config: dict) -> None:
             train_rows=rows,
         )
         stop = selection.update(metrics)  # adds best_val_auc / epochs_since_best; same on every rank
-        if logger is not None:
-            logger(metrics, epoch)
+        rngs = gather_rng_states()
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, model, optimizer, epoch, job, vocab, metrics)
+                save_checkpoint(tmp, model, optimizer, epoch, job, vocab, metrics, rngs)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        # Logged once the epoch's checkpoint is persisted: an epoch lost with its worker before that is re-run
+        # from the previous checkpoint and logged once. (A loss in the short window between persisting and the
+        # controller registering the checkpoint re-runs the epoch; MLflow then holds both, same step.)
+        if logger is not None:
+            logger(metrics, epoch)
         if stop:
             if rank == 0:
                 print(f"early stop after epoch {epoch}: no better val_auc for {job.train.early_stop_patience} epochs", file=sys.stderr)
