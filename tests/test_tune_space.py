@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from raylsm.cli import main
 from raylsm.config import ConfigError
@@ -108,7 +109,20 @@ EXPERIMENTS = sorted((ROOT / "jobs" / "experiments").glob("*.yaml"))
 
 def test_every_paper_table_ships():
     assert {p.stem for p in EXPERIMENTS} == {"lcn_table1", "lcn_table2", "lcn_table3", "cain_table1", "cain_table2",
-                                              "cain_table3", "cain_table4"}
+                                              "cain_table3", "cain_table4", "headline"}
+
+
+def test_grid_option_keeps_a_subset_of_cells_and_names_a_bad_value():
+    from jobs.experiments.run import _restrict
+    from raylsm.config import ConfigError
+
+    space = yaml.safe_load((ROOT / "jobs" / "experiments" / "cain_table2.yaml").read_text())
+    _restrict(space, "cain_table2", "model.lifelong=twin,lap")
+    assert space["params"]["model.lifelong"] == {"grid": ["twin", "lap"]}
+    with pytest.raises(ConfigError, match=r"--grid model.lifelong: foo not in"):
+        _restrict(space, "cain_table2", "model.lifelong=foo")
+    with pytest.raises(ConfigError, match=r"--grid model.lap.k1: not a grid key of cain_table2"):
+        _restrict(space, "cain_table2", "model.lap.k1=8")
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--grid", dest="grids", action="append", default=[], metavar="KEY=V1,V2",
+                   help="run only these values of one of the table's grid keys (a subset of its cells)")
     p.add_argument("--experiment", help="MLflow experiment (default: the table's name)")
     p.add_argument("--tracking-uri")
     p.add_argument("--storage", default="runs/experiments")
@@ -48,6 +50,8 @@ def run_table(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds: must be >= 1, got {args.seeds}")
     space = yaml.safe_load((HERE / f"{args.table}.yaml").read_text())
     space["params"]["train.seed"] = {"grid": list(range(args.seeds))}
+    for spec in args.grids:
+        _restrict(space, args.table, spec)
     storage = Path(args.storage)
     storage.mkdir(parents=True, exist_ok=True)
     space_path = storage / f"{args.table}.yaml"  # the space as run (seeds applied): logged with the search
@@ -65,6 +69,23 @@ def run_table(args: argparse.Namespace) -> int:
           file=sys.stderr)
     emit({"table": args.table, "rows": rows, "parent_run_id": summary["parent_run_id"], "counts": summary["counts"]})
     return 0
+
+
+def _restrict(space: dict, table: str, spec: str) -> None:
+    """``--grid KEY=V1,V2``: keep only these values of the table's grid ``KEY`` (each must be one of them)."""
+    key, sep, values = spec.partition("=")
+    grid = space["params"].get(key, {}).get("grid") if isinstance(space["params"].get(key), dict) else None
+    if not sep or not values:
+        raise ConfigError(f"--grid {spec}: expected KEY=V1,V2")
+    if grid is None or key == "train.seed":
+        names = ", ".join(k for k, v in space["params"].items() if isinstance(v, dict) and "grid" in v and k != "train.seed")
+        raise ConfigError(f"--grid {key}: not a grid key of {table} (its grid keys: {names}; seeds: --seeds)")
+    by_text = {str(v): v for v in grid}
+    wanted = [v.strip() for v in values.split(",")]
+    unknown = [v for v in wanted if v not in by_text]
+    if unknown:
+        raise ConfigError(f"--grid {key}: {', '.join(unknown)} not in the table's values {', '.join(by_text)}")
+    space["params"][key] = {"grid": [by_text[v] for v in wanted]}
 
 
 if __name__ == "__main__":
