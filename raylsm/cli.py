@@ -156,6 +156,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_figures(args: argparse.Namespace) -> int:
+    """``raylsm figures fig4|fig5``: the LCN paper's Fig. 4 / Fig. 5 from checkpoints, as PNG + JSON (+ MLflow artifacts)."""
+    from raylsm.figures import fig4, fig5
+
+    common = dict(checkpoints=args.checkpoints, data=args.data, out=args.out, run_id=args.run_id,
+                  tracking_uri=args.tracking_uri)
+    if args.figure == "fig4":
+        emit(fig4(**common, max_items=args.max_items, k=args.k, projection=args.projection, embedding=args.embedding,
+                  max_rows=args.max_rows))
+    else:
+        emit(fig5(**common, rows=args.rows, top_n=args.top_n))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``raylsm bench <name>``: figures with a reference from the same run and a top-level ``ratio``."""
     from raylsm.bench import run_bench
@@ -219,6 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=2048)
     p.set_defaults(fn=cmd_eval)
+
+    figures = sub.add_parser("figures", help="the LCN paper's Fig. 4 and Fig. 5 from trained checkpoints (PNG + JSON, MLflow artifacts)")
+    figs = figures.add_subparsers(dest="figure", required=True)
+    for name, text in (("fig4", "item embeddings of both domains coloured by hidden interest, with vs without CRP"),
+                       ("fig5", "consistency of the levels: share of the final level's top-n each earlier level finds")):
+        p = figs.add_parser(name, help=text)
+        p.add_argument("--checkpoints", nargs="+", required=True, metavar="DIR",
+                       help="checkpoint directories (fig4: e.g. lap and lcn; fig5: lap, sim_soft or eta)")
+        p.add_argument("--data", required=True, help="the dataset the checkpoints were trained on")
+        p.add_argument("--out", required=True, help="folder for <figure>.png and <figure>.json")
+        p.add_argument("--run-id", help="MLflow run to log both files to, under figures/")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+        if name == "fig4":
+            p.add_argument("--max-items", type=int, default=1000, help="most frequent items per domain to map")
+            p.add_argument("--k", type=int, default=10, help="neighbours of the k-NN interest precision")
+            p.add_argument("--projection", choices=["pca", "tsne"], default="pca")
+            p.add_argument("--embedding", choices=["behaviour", "item"], default="behaviour",
+                           help="an item's e^h = [e_item ‖ e_cate] (what CSA and CRP see), or e_item alone")
+            p.add_argument("--max-rows", type=int, default=20_000, help="train rows read to find each domain's items")
+        else:
+            p.add_argument("--rows", type=int, default=512, help="test rows scored")
+            p.add_argument("--top-n", type=int, default=50, help="size of the real and test sets (the paper: 50)")
+        p.set_defaults(fn=cmd_figures)
 
     from raylsm.bench import add_bench_parsers
 
