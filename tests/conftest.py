@@ -105,3 +105,11 @@ class OffMetaSpy(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self.offenders.append(str(func))
         return out
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(tmp_path_factory):
+    """One ``raylsm train`` stopped with SIGINT, watched (processes, sockets) and shared by the security and fault tests."""
+    from tests.test_security import run_and_interrupt
+
+    return run_and_interrupt(tmp_path_factory)

@@ -134,9 +134,6 @@ def test_mlflow_store_lost_mid_run_training_goes_on_and_record_is_reconciled(ray
 
 # ----------------------------------------------------------------------------- Ctrl-C
 
-from tests.test_security import interrupted_run  # noqa: E402,F401  (session fixture: one run serves both files)
-
-
 @pytest.mark.ray
 def test_ctrl_c_leaves_no_running_mlflow_run_and_no_ray_processes(interrupted_run):
     from mlflow.tracking import MlflowClient

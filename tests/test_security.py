@@ -82,9 +82,10 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-@pytest.fixture(scope="session")
-def interrupted_run(tmp_path_factory) -> InterruptedRun:
-    """One ``raylsm train`` in a child process: watched while it trains, then stopped with SIGINT."""
+def run_and_interrupt(tmp_path_factory) -> InterruptedRun:
+    """One ``raylsm train`` in a child process: watched while it trains, then stopped with SIGINT.
+
+    Behind the session fixture ``interrupted_run`` (tests/conftest.py): one run serves this file and test_faults."""
     tmp = tmp_path_factory.mktemp("interrupted")
     data = small_world_dataset(tmp / "synth", rows=6000)
     out = InterruptedRun(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")

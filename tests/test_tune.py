@@ -55,9 +55,9 @@ def _children(client: MlflowClient, parent: str) -> list:
 
 
 def test_search_asha_children_and_best(data: Path, tmp_path: Path):
-    """4 trials (lr 1e-2 vs 1e-8, 2 seeds), 2 epochs, ASHA after epoch 1: a 1e-8 trial's validation logloss
-    stays at its initial value while a 1e-2 trial's has dropped, so ASHA must stop a 1e-8 trial."""
-    space = _space(tmp_path, "asha", "asha", {"train.lr": {"grid": [0.01, 1.0e-8]}, "train.seed": {"grid": [0, 1]}}, 2)
+    """2 trials run one after the other (lr 1e-2, then 1e-8), 2 epochs, ASHA after epoch 1: the 1e-8 trial's
+    validation logloss stays at its initial value while the 1e-2 trial's has dropped, so ASHA must stop it."""
+    space = _space(tmp_path, "asha", "asha", {"train.lr": {"grid": [0.01, 1.0e-8]}}, 2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = _cli("--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
                 "--experiment", "t", tmp=tmp_path)
@@ -68,14 +68,14 @@ def test_search_asha_children_and_best(data: Path, tmp_path: Path):
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED"
     children = _children(client, parent.info.run_id)
-    assert len(children) == 4 and len({c.data.tags["raylsm.trial_id"] for c in children}) == 4
+    assert len(children) == 2 and len({c.data.tags["raylsm.trial_id"] for c in children}) == 2
     assert all(c.info.status != "RUNNING" for c in children)
     statuses = sorted(c.data.tags["raylsm.trial_status"] for c in children)
-    assert "stopped_by_scheduler" in statuses, statuses
+    assert statuses == ["completed", "stopped_by_scheduler"], statuses
     stopped = [c for c in children if c.data.tags["raylsm.trial_status"] == "stopped_by_scheduler"]
     assert all(json.loads(c.data.tags["raylsm.trial_config"])["train.lr"] == 1e-8 for c in stopped)
     assert all(c.info.status == "KILLED" for c in stopped)
-    assert result["counts"]["stopped"] == len(stopped) and result["counts"]["trials"] == 4
+    assert result["counts"]["stopped"] == len(stopped) == 1 and result["counts"]["trials"] == 2
     # The best config in the JSON is the child with the lowest validation logloss over its epochs.
     def best_of(run):
         return min(m.value for m in client.get_metric_history(run.info.run_id, "val_logloss"))
@@ -95,7 +95,7 @@ def test_search_asha_children_and_best(data: Path, tmp_path: Path):
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path, tmp_path: Path):
-    space = _space(tmp_path, "resume", "fifo", {"train.seed": {"grid": [0, 1, 2, 3]}}, 1)
+    space = _space(tmp_path, "resume", "fifo", {"train.seed": {"grid": [0, 1, 2]}}, 1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
             "--name", "s1"]
@@ -111,11 +111,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path
         except Exception:
             continue
         finished = [r for r in runs if r.info.status == "FINISHED"]
-        if len(finished) >= 2:
+        if len(finished) >= 1:
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=300)
-    assert len(finished) >= 2 and proc.returncode != 0, (proc.returncode, err[-3000:])
+    assert len(finished) >= 1 and proc.returncode != 0, (proc.returncode, err[-3000:])
     first = {r.data.tags["raylsm.trial_id"] for r in finished}
     parent_id = finished[0].data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).info.status == "KILLED"
@@ -128,7 +128,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path
     assert result["parent_run_id"] == parent_id and client.get_run(parent_id).info.status == "FINISHED"
     children = _children(client, parent_id)
     done = [c for c in children if c.info.status == "FINISHED"]
-    assert len({c.data.tags["raylsm.trial_id"] for c in done}) == 4
+    assert len({c.data.tags["raylsm.trial_id"] for c in done}) == 3
     for trial_id in first:  # finished before the interruption: never trained again
         assert sum(c.data.tags["raylsm.trial_id"] == trial_id for c in children) == 1
-    assert result["counts"]["trials"] == 4
+    assert result["counts"]["trials"] == 3
