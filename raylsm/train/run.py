@@ -21,7 +21,7 @@ from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
 from raylsm.train.config import JobConfig, default_tracking_uri, job_to_dict
 from raylsm.train.loop import train_loop_per_worker
-from raylsm.train.tracking import end_run, finish_run, log_model, redact_uri, start_run
+from raylsm.train.tracking import RecordWriter, end_run, finish_run, log_model, redact_uri, start_run
 
 DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (DESIGN §7)
 
@@ -251,6 +251,15 @@ def preflight(job: JobConfig, validated: bool = False) -> tuple:
     return manifest, plan, tracking_uri
 
 
+def _join_record(writer: RecordWriter, timeout: float = 300.0) -> None:
+    """Wait for the run's record; a part the store refused is named in one line (the training result stands)."""
+    try:
+        writer.join(timeout)
+    except Exception as e:
+        print(f"raylsm: MLflow run record incomplete ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})",
+              file=sys.stderr)
+
+
 def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=None,
                  extra_tags: dict[str, str] | None = None, validated: bool = False) -> dict:
     """Check, track, train; return the result dict (the CLI prints it as the final JSON line).
@@ -265,7 +274,7 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
     check_cluster_gpus(job)
     run_name = job.name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = str(check_storage(job.storage))
-    mlflow_run_id = start_run(
+    mlflow_run_id, record = start_run(
         tracking_uri,
         job,
         manifest,
@@ -275,9 +284,11 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
         parent_run_id=parent_run_id,
     )
     shards = list_shards(job.data.path)
+    writer = RecordWriter(record)  # params, job YAML, dataset input: written while the workers start
     try:
         trainer = build_trainer(job, vocab, run_name, mlflow_run_id, tracking_uri, callbacks, plan)
         result = trainer.fit()
+        _join_record(writer)
         if result.error is not None:
             raise result.error
         score = "val_auc" if plan.val is not None else "epoch"
@@ -292,9 +303,11 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C during fit() reaches Ray Train's own SIGINT handler, which aborts the run and calls
         # sys.exit(0) (SystemExit, not KeyboardInterrupt): both are the user stopping the run.
+        _join_record(writer, timeout=30)
         end_run(tracking_uri, mlflow_run_id, "KILLED")
         raise KeyboardInterrupt from None
     except BaseException:
+        _join_record(writer, timeout=30)
         end_run(tracking_uri, mlflow_run_id, "FAILED")
         gone = shards_gone(shards)  # a shard deleted mid-run: name it, not Ray's wrapped read error
         if gone is not None:

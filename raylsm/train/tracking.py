@@ -13,6 +13,7 @@ the run FINISHED, FAILED or KILLED. A tuning trial's run is created with ``paren
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from raylsm.config import flatten, to_dict
 
@@ -147,11 +148,12 @@ def start_run(
     run_name: str,
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
-) -> str:
-    """Create a run with context tags, used params, the job YAML and the dataset input; return its id."""
-    import yaml
-    from mlflow.entities import DatasetInput, InputTag, Param, RunTag
+) -> tuple[str, Callable[[], None]]:
+    """Create a run with its context tags; return its id and the function that writes the rest of the record.
 
+    The rest (used params, the ``raylsm.*`` tags, the job YAML, the dataset input) takes a few seconds
+    against a SQL store; :func:`run_training` writes it in a thread while the cluster starts the training.
+    """
     check_store(tracking_uri)
     client = _client(tracking_uri)
     all_tags = {"raylsm.model": job.preset, "raylsm.dataset": manifest.name, "raylsm.lifelong": job.model.lifelong,
@@ -161,6 +163,15 @@ def start_run(
     all_tags = _context_tags(all_tags)
     run = client.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=all_tags, run_name=run_name or None)
     run_id = run.info.run_id
+    return run_id, functools.partial(record_run, tracking_uri, run_id, job, manifest, all_tags)
+
+
+def record_run(tracking_uri: str, run_id: str, job, manifest, all_tags: dict[str, str]) -> None:
+    """The run's used params, ``raylsm.*`` tags, job YAML and dataset input (see :func:`start_run`)."""
+    import yaml
+    from mlflow.entities import DatasetInput, InputTag, Param, RunTag
+
+    client = _client(tracking_uri)
     _log_params(client, run_id, [Param(k, str(v)[:6000]) for k, v in flatten(used_config(job)).items()])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items() if k.startswith("raylsm.")])
     client.log_text(run_id, yaml.safe_dump(_redacted(job), sort_keys=False), "job.yaml")
@@ -173,7 +184,28 @@ def start_run(
             if attempt == 2:
                 print(f"raylsm: dataset input not logged ({str(e).splitlines()[0][:160]})", file=sys.stderr)
             time.sleep(0.5 * (attempt + 1))
-    return run_id
+
+
+class RecordWriter:
+    """Runs the record function of :func:`start_run` in a thread; :meth:`join` waits and re-raises its error."""
+
+    def __init__(self, record: Callable[[], None]):
+        import threading
+
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(record,), name="raylsm-mlflow-record", daemon=True)
+        self.thread.start()
+
+    def _run(self, record: Callable[[], None]) -> None:
+        try:
+            record()
+        except BaseException as e:  # handed to join()
+            self.error = e
+
+    def join(self, timeout: float = 300.0) -> None:
+        self.thread.join(timeout)
+        if self.error is not None:
+            raise self.error
 
 
 def _git_commit() -> str | None:
