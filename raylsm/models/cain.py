@@ -42,8 +42,17 @@ Readings where the paper leaves room (DESIGN §3):
   for layer 1 at L = 500, 1.3 GB for the later three). Measured (CPU, fp32, B = 512, L = 500,
   paper defaults): forward + backward peak +13.1 GB; forward 41 s, total 86 s on 2 cores.
   W^P2 holds ``h·C·C_in·k`` = 63 M parameters per layer (255.6 M for the four generators, ~1 GB
-  fp32, ×3 with Adam's moments). ``peg.rank = 8`` cuts a generator to 8.8 M parameters;
-  ``peg.layers = first`` or a smaller ``context.out_dim`` cut the activations.
+  fp32, ×3 with Adam's moments). ``peg.rank = 8`` cuts a generator to 8.8 M parameters (the
+  filters are still materialised); ``peg.layers = first`` or a smaller ``context.out_dim`` cut
+  the activations.
+* PEG cost option ``peg.filters = depthwise`` (a model change; default ``full`` = the paper):
+  eq. 11 generates a per-user depthwise filter ``G_u (C_in, k)`` and a shared 1×1 mix ``W^S``
+  follows, i.e. eq. 12 with ``W^PC_u[c, i, τ] = W^S[c, i]·G_u[i, τ]`` (see :class:`TCNLayer`).
+  At the paper's sizes a generator holds 0.26 M parameters instead of 63 M (cain: 6.1 M in all
+  instead of 260.4 M) and a layer's conv costs ``C_in·(k + C)`` instead of ``C·C_in·k``
+  multiply-adds per output position (14× fewer); nothing of size ``B·C·C_in·k`` exists.
+* Autocast: biases are added in the conv output's dtype, so a bf16 layer output stays bf16 (an
+  fp32 bias would promote it, and the next layer would cast its unfolded input back); no-op in fp32.
 * GRU: two unidirectional GRUs (past→t and future→t, ``context.bidirectional``), each run on
   the valid behaviours packed to the front (a batched stable sort of the mask), so padding never
   enters a hidden state; output = raw hidden states (no ReLU: they are tanh-bounded already).
@@ -136,12 +145,20 @@ class FilterGenerator(nn.Module):
     filter is a sensible conv filter plus a personal deviation of the same (Xavier) scale.
     ``rank > 0`` factorises ``W^P2 = U·V`` (U: N×r, V: r×h). ``profile_dim = 0``: the input is a
     learned constant (all users share one generated filter).
+
+    ``depthwise``: eq. 11 generates a per-user *depthwise* filter ``G (B, C_in, k)`` (C_in·k
+    outputs instead of C·C_in·k; see :class:`TCNLayer`); ``b^P2 ~ U(±√(3/k))`` (variance 1/k, so
+    that with the shared Xavier channel mix the effective filter has Xavier scale) and
+    ``W^P2 ~ N(0, 1/(h·k))``.
     """
 
-    def __init__(self, profile_dim: int, hidden: int, rank: int, c_out: int, c_in: int, kernel: int):
+    def __init__(
+        self, profile_dim: int, hidden: int, rank: int, c_out: int, c_in: int, kernel: int, depthwise: bool = False
+    ):
         super().__init__()
-        self.shape = (c_out, c_in, kernel)
-        n = c_out * c_in * kernel
+        self.shape = (c_in, kernel) if depthwise else (c_out, c_in, kernel)
+        fan = kernel if depthwise else c_in * kernel  # inputs each generated output value multiplies
+        n = math.prod(self.shape)
         if profile_dim > 0:
             self.fc1 = nn.Linear(profile_dim, hidden)  # W^P1, b^P1
             nn.init.xavier_uniform_(self.fc1.weight)
@@ -157,9 +174,13 @@ class FilterGenerator(nn.Module):
             nn.init.xavier_uniform_(self.low.weight)
             width = rank
         self.fc2 = nn.Linear(width, n)  # W^P2 (or U), b^P2
-        nn.init.normal_(self.fc2.weight, std=1.0 / math.sqrt(width * c_in * kernel))
+        nn.init.normal_(self.fc2.weight, std=1.0 / math.sqrt(width * fan))
         with torch.no_grad():
-            self.fc2.bias.copy_(nn.init.xavier_uniform_(torch.empty(self.shape, device=self.fc2.bias.device)).flatten())
+            if depthwise:
+                bound = math.sqrt(3.0 / kernel)
+                self.fc2.bias.uniform_(-bound, bound)
+            else:
+                self.fc2.bias.copy_(nn.init.xavier_uniform_(torch.empty(self.shape, device=self.fc2.bias.device)).flatten())
 
     def forward(self, profile: Tensor) -> Tensor:
         if self.fc1 is not None:
@@ -168,7 +189,7 @@ class FilterGenerator(nn.Module):
             o = F.relu(self.const).expand(profile.shape[0], -1)  # Eq. (10) with I = ∅: (B, h)
         if self.low is not None:
             o = self.low(o)  # (B, r)
-        return self.fc2(o).view(-1, *self.shape)  # Eq. (11): (B, C, C_in, k)
+        return self.fc2(o).view(-1, *self.shape)  # Eq. (11): (B, C, C_in, k), or (B, C_in, k) depthwise
 
 
 def personal_conv1d(x: Tensor, weight: Tensor, stride: int) -> Tensor:
@@ -187,6 +208,17 @@ def personal_conv1d(x: Tensor, weight: Tensor, stride: int) -> Tensor:
     return torch.bmm(weight.reshape(b, c_out, c_in * kernel), cols)  # (B, C, L_out)
 
 
+def depthwise_conv1d(x: Tensor, weight: Tensor, stride: int) -> Tensor:
+    """Depthwise conv of each row of ``x (B, C_in, L')`` (already padded) with its own per-channel filters
+    ``weight (B, C_in, k)``: ONE grouped conv with the batch folded into the channels (B·C_in groups
+    of one channel each) -> (B, C_in, L_out). Depthwise grouped convs are a native kernel on CPU and
+    GPU (unlike the full grouped conv, see :func:`personal_conv1d`), and nothing is unfolded.
+    """
+    b, c_in, length = x.shape
+    out = F.conv1d(x.reshape(1, b * c_in, length), weight.reshape(b * c_in, 1, -1), stride=stride, groups=b * c_in)
+    return out.view(b, c_in, -1)  # (1, B·C_in, L_out) -> (B, C_in, L_out)
+
+
 # ----------------------------------------------------------------------------- TCN layer
 
 
@@ -197,6 +229,14 @@ class TCNLayer(nn.Module):
     ``keep_mask=True`` (layer 1) keeps the input mask, otherwise the window max-pool. ``x`` must
     already be zero at padded positions (the encoder guarantees it); ``y`` is zero where
     ``mask_out`` is False.
+
+    PEG filters (``peg.filters``): ``full`` = the paper, one generated ``W^PC_u (C, C_in, k)`` per
+    user (eqs. 11–12). ``depthwise`` = eq. 11 generates a per-user depthwise filter
+    ``G_u (C_in, k)`` and a shared 1×1 mix ``W^S (C, C_in)`` follows, i.e. eq. 12 with the
+    depthwise-separable filter ``W^PC_u[c, i, τ] = W^S[c, i]·G_u[i, τ]``:
+    ``cr_t = W^S (G_u ⊛ ctxe)_t + b_c``. The user still sets how much each neighbour (τ) of each
+    feature (i) counts; only the channel mixing is shared. It generates C× fewer values
+    (C_in·k per user), and its conv costs ``B·C_in·(k + C)·L_out`` instead of ``B·C·C_in·k·L_out``.
     """
 
     def __init__(
@@ -219,31 +259,46 @@ class TCNLayer(nn.Module):
             nn.init.xavier_uniform_(self.weight)
         self.bias = nn.Parameter(torch.zeros(c_out))  # b_c, eqs. (5)/(12)
         self.generator = None
+        self.mix = None
         self.personal_bias = None
         self.proj = None
         if peg is not None:
-            self.generator = FilterGenerator(profile_dim, peg.hidden, peg.rank, c_out, c_in, self.kernel)
+            depthwise = peg.filters == "depthwise"
+            self.generator = FilterGenerator(profile_dim, peg.hidden, peg.rank, c_out, c_in, self.kernel, depthwise)
+            if depthwise:
+                self.mix = nn.Parameter(torch.empty(c_out, c_in))  # W^S: shared channel mix after G_u
+                nn.init.xavier_uniform_(self.mix)
             if self.aggregation == "concat":
                 self.personal_bias = nn.Parameter(torch.zeros(c_out))  # b_c of the personal branch
                 self.proj = nn.Conv1d(2 * c_out, c_out, 1)  # [global ‖ personal] -> C
                 nn.init.xavier_uniform_(self.proj.weight)
                 nn.init.zeros_(self.proj.bias)
 
+    def personal(self, xp: Tensor, profile: Tensor) -> Tensor:
+        """Eq. (12) without ``b_c``: the user's generated filter applied to ``xp (B, C_in, L')`` -> (B, C, L_out)."""
+        w = self.generator(profile)  # Eqs. (10)–(11)
+        if self.mix is None:
+            return personal_conv1d(xp, w, self.stride)  # W^PC_u ⊛ x  (B, C, L_out)
+        return F.conv1d(depthwise_conv1d(xp, w, self.stride), self.mix.unsqueeze(-1))  # W^S (G_u ⊛ x)  (B, C, L_out)
+
     def forward(self, x: Tensor, mask: Tensor, profile: Tensor) -> tuple[Tensor, Tensor]:
         left, right = window_padding(x.shape[-1], self.kernel, self.stride)
         xp = _pad_time(x, left, right)  # (B, C_in, L + left + right)
-        bias = self.bias.view(1, -1, 1)  # (1, C, 1)
+        # Biases join in the conv output's dtype: a no-op in fp32; under autocast it keeps the
+        # layer's output (and the next layer's unfolded input) in bf16 instead of promoting to fp32.
         if self.generator is None:
-            y = F.relu(F.conv1d(xp, self.weight, stride=self.stride) + bias)  # Eq. (5)
+            z = F.conv1d(xp, self.weight, stride=self.stride)  # (B, C, L_out)
+            y = F.relu(z + self.bias.view(1, -1, 1).to(z.dtype))  # Eq. (5)
         else:
-            personal = personal_conv1d(xp, self.generator(profile), self.stride)  # Eq. (12) without b_c
+            personal = self.personal(xp, profile)  # (B, C, L_out)
+            bias = self.bias.view(1, -1, 1).to(personal.dtype)  # (1, C, 1)
             if self.aggregation == "replace":
                 y = F.relu(personal + bias)  # Eq. (12)
             elif self.aggregation == "sum":
                 y = F.relu(F.conv1d(xp, self.weight, stride=self.stride) + personal + bias)  # Eq. (5) + (12)
             else:  # concat
                 glob = F.relu(F.conv1d(xp, self.weight, stride=self.stride) + bias)  # Eq. (5)
-                pers = F.relu(personal + self.personal_bias.view(1, -1, 1))  # Eq. (12)
+                pers = F.relu(personal + self.personal_bias.view(1, -1, 1).to(personal.dtype))  # Eq. (12)
                 y = self.proj(torch.cat([glob, pers], dim=1))  # (B, 2C, L_out) -> (B, C, L_out)
         if self.keep_mask:
             mask_out = mask

@@ -247,12 +247,19 @@ class PEGConfig:
     # 0 = W^P2 full (the paper). r > 0 = W^P2 factorised as (N x r)(r x hidden), N = Cout*Cin*k:
     # cuts the generator's parameters ~hidden/r-fold; the per-user filters are still materialised.
     rank: int = 0
+    # full = eq. 11 generates each user's whole Cout x Cin x k filter (the paper). depthwise = it
+    # generates a Cin x k depthwise filter per user, followed by a shared Cout x Cin channel mix
+    # (a depthwise-separable personal filter, eq. 12): Cout-fold fewer generated values and
+    # generator parameters, and a conv ~k·Cout/(k + Cout) times cheaper (TCNLayer).
+    filters: Literal["full", "depthwise"] = "full"
 
     def validate(self) -> None:
         if self.hidden < 1:
             raise ConfigError(f"model.peg.hidden: must be >= 1, got {self.hidden}")
         if self.rank < 0:
             raise ConfigError(f"model.peg.rank: must be >= 0 (0 = full rank), got {self.rank}")
+        if self.filters not in ("full", "depthwise"):
+            raise ConfigError(f"model.peg.filters: must be full or depthwise, got {self.filters!r}")
 
 
 @dataclass

@@ -25,6 +25,13 @@ from raylsm.models.config import ModelConfig
 from raylsm.models.layers import MLP, DotTargetAttention, FeatureLayer, Vocab
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``device_type`` (e.g. bf16 with ``train.bf16``), else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 class CTRModel(nn.Module):
     """A lifelong-sequence CTR model assembled from a :class:`ModelConfig`."""
 
@@ -64,12 +71,20 @@ class CTRModel(nn.Module):
         ll = f.behaviour(batch["ll_items"], batch["ll_cates"])  # (B, L, 2D)
         ctx = f.context(batch["ll_ctx"], batch["ll_gap"])  # (B, L, 2D)
         ll_mask = batch["ll_mask"]
+        # Under autocast, cast the embeddings once here: autocast casts an fp32 activation again at
+        # every matmul that reads it (the sequences 2-4 times each, forward and backward). No-op in fp32.
+        lp = _autocast_dtype(ll.device.type)
+        st_tgt_att, st_src_att = st_tgt, st_src  # CRP keeps the fp32 embeddings (its cosines are not matmuls)
+        if lp is not None:
+            cand, profile, st_tgt_att, st_src_att, ll, ctx = (
+                t.to(lp) for t in (cand, profile, st_tgt, st_src, ll, ctx)
+            )
 
         # 2. Short-term interest.
         short = torch.cat(
             [
-                self.st_tgt_attention(cand, st_tgt, batch["st_tgt_mask"]),
-                self.st_src_attention(cand, st_src, batch["st_src_mask"]),
+                self.st_tgt_attention(cand, st_tgt_att, batch["st_tgt_mask"]),
+                self.st_src_attention(cand, st_src_att, batch["st_src_mask"]),
             ],
             dim=-1,
         )  # (B, 4D)
