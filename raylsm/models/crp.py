@@ -74,8 +74,9 @@ def contrastive(sims: Tensor, pos_valid: Tensor, neg_valid: Tensor, tau: float, 
     s = sims / tau
     pos, neg = s[:, :b], s[:, b:]  # (T, B), (T, M)
     has_neg = neg_valid.any(1, keepdim=True)  # (T, 1)
-    # Only the valid negatives enter the denominator; with none, a neutral finite stand-in (term masked to 0 below).
-    neg = torch.where(has_neg, neg.masked_fill(~neg_valid, float("-inf")), torch.zeros_like(neg))
+    # Only the valid negatives enter the denominator; a type with none keeps its raw (finite) values
+    # as a stand-in: its term is masked to 0 below (value and gradient).
+    neg = torch.where(neg_valid | ~has_neg, neg, float("-inf"))
     log_denominator = torch.logsumexp(neg, dim=1, keepdim=True)  # log Σ_j exp(s(n1_j, n2_j)/τ)  (T, 1)
     if with_positive:
         log_denominator = torch.logaddexp(log_denominator, pos)  # log(exp(s_pos/τ) + Σ_j exp(s_neg/τ))  (T, B)
@@ -97,13 +98,12 @@ def pair_loss(x1: Tensor, x2: Tensor, pairs: PairSample, tau: float, with_positi
 def _two_distinct(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Two different valid positions per row, uniformly (random scores, top-2): (B,), (B,), eligible (B,)."""
     b, s = mask.shape
-    eligible = mask.sum(1) >= 2
     if s < 2:
         zero = torch.zeros(b, dtype=torch.long, device=mask.device)
-        return zero, zero, eligible
-    scores = torch.where(mask, torch.rand(mask.shape, device=mask.device), -1.0)  # (B, S)
-    idx = torch.topk(scores, 2, dim=1).indices  # (B, 2)
-    return idx[:, 0], idx[:, 1], eligible
+        return zero, zero, torch.zeros(b, dtype=torch.bool, device=mask.device)
+    scores = torch.where(mask, torch.rand(mask.shape, device=mask.device), -1.0)  # (B, S): valid in [0, 1), padding -1
+    top = torch.topk(scores, 2, dim=1)  # (B, 2)
+    return top.indices[:, 0], top.indices[:, 1], top.values[:, 1] >= 0  # eligible: a second valid item
 
 
 def _one(mask: Tensor) -> tuple[Tensor, Tensor]:
