@@ -194,3 +194,10 @@ def test_shards_gone_names_each_deleted_shard(dataset):
     shards[1].unlink()
     error = shards_gone(shards)
     assert error is not None and error.problems == [f"{shards[1]}: shard deleted or moved while training read the dataset"]
+
+
+def test_wrong_column_type_is_one_line_without_a_row_count(dataset):
+    shard = dataset / "test" / "part-00000.parquet"
+    _rewrite(shard, lambda t: t.set_column(t.schema.get_field_index("label"), "label", t.column("label").cast(pa.float32())))
+    problems = list(iter_problems(dataset))
+    assert problems == [f"{shard}: column 'label': must be int8, got float"]

@@ -323,10 +323,10 @@ def iter_problems(root: str | os.PathLike, batch_bytes: int = 64 << 20) -> Itera
                 continue
             schema = pf.schema_arrow
             problems = _schema_problems(path, schema, expected)
+            rows += pf.metadata.num_rows  # the footer's count: known even when the schema is wrong
             if problems:
                 yield from problems
                 continue
-            rows += pf.metadata.num_rows
             seen: set[str] = set()
             try:
                 for batch in pf.iter_batches(batch_size=_batch_rows(pf, batch_bytes), columns=expected.names):
