@@ -305,7 +305,7 @@ class TCNLayer(nn.Module):
         else:
             m = _pad_time(mask.to(y.dtype).unsqueeze(1), left, right)  # (B, 1, L + left + right)
             mask_out = F.max_pool1d(m, self.kernel, self.stride).squeeze(1) > 0  # (B, L_out): any valid in window
-        return torch.where(mask_out.unsqueeze(1), y, torch.zeros_like(y)), mask_out
+        return torch.where(mask_out.unsqueeze(1), y, 0.0), mask_out
 
 
 # ----------------------------------------------------------------------------- alternatives
@@ -441,11 +441,11 @@ class ContextEncoder(nn.Module):
             raise ConfigError(f"model.context.kind: ContextEncoder needs tcn, gru or self_attention, got {self.kind!r}")
 
     def forward(self, seq: Tensor, mask: Tensor, cand: Tensor, profile: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.where(mask.unsqueeze(-1), seq, torch.zeros_like(seq))  # (B, L, C_in): padding -> 0
+        x = torch.where(mask.unsqueeze(-1), seq, 0.0)  # (B, L, C_in): padding -> 0
         aux = seq.new_zeros((seq.shape[0], 0))
         if self.extractor is not None:
             cr = self.extractor(x, mask)  # (B, L, C)
-            return torch.where(mask.unsqueeze(-1), cr, torch.zeros_like(cr)), aux
+            return torch.where(mask.unsqueeze(-1), cr, 0.0), aux
 
         h, m = self.layers[0](x.transpose(1, 2), mask, profile)  # Eq. (5)/(12): (B, C, L)
         cr = h.transpose(1, 2).contiguous()  # (B, L, C): major attention input, eq. (6)
