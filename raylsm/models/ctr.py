@@ -27,7 +27,7 @@ from raylsm.models.layers import MLP, DotTargetAttention, FeatureLayer, Vocab
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype when autocast is on for ``device_type`` (e.g. bf16 with ``train.bf16``), else None."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):  # (meta etc. have no autocast)
         return torch.get_autocast_dtype(device_type)
     return None
 
