@@ -88,6 +88,28 @@ def test_epoch_logger_with_unreachable_store_keeps_training_and_names_lost_epoch
     assert "reachable again" in capsys.readouterr().err
 
 
+def test_restarted_worker_logs_the_checkpoint_epoch_the_lost_worker_did_not(tmp_path):
+    """A worker lost after its checkpoint was registered but before it logged the epoch: the replacement logs it
+    from the checkpoint, once, and only into the run that wrote the checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    from raylsm.train.loop import EpochLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e")
+    run_id, other_id = (client.create_run(exp).info.run_id for _ in range(2))
+    ckpt = tmp_path / "checkpoint_000000"
+    ckpt.mkdir()
+    (ckpt / "job.json").write_text(json.dumps({"epoch": 0, "metrics": {"train_loss": 0.5, "epoch": 0}, "mlflow_run_id": run_id}))
+    assert EpochLogger(uri, other_id).log_if_missing(str(ckpt)) is False  # another run's checkpoint (a new run resumed)
+    logger = EpochLogger(uri, run_id)
+    assert logger.log_if_missing(str(ckpt)) is True
+    assert logger.log_if_missing(str(ckpt)) is False  # already there: never twice
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")] == [(0, 0.5)]
+    assert client.get_metric_history(other_id, "train_loss") == []
+
+
 def _store_away(db: Path) -> None:
     """The SQLite store becomes unusable: its file moves away and a directory takes its name."""
     db.rename(db.with_suffix(".away"))

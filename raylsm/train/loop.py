@@ -173,7 +173,7 @@ def gather_rng_states() -> list[dict]:
 
 
 def save_checkpoint(directory: str, model: nn.Module, optimizer, epoch: int, job: JobConfig, vocab: Vocab, metrics: dict,
-                    rng_states: list[dict] | None = None) -> None:
+                    rng_states: list[dict] | None = None, mlflow_run_id: str | None = None) -> None:
     """Everything needed to resume or score: weights, optimizer, epoch, every rank's RNG, job config, vocab."""
     state = {
         "model": unwrap(model).state_dict(),
@@ -182,7 +182,8 @@ def save_checkpoint(directory: str, model: nn.Module, optimizer, epoch: int, job
         "rng": rng_states if rng_states is not None else [rng_state()],
     }
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
-    meta = {"job": job_to_dict(job), "vocab": vocab.__dict__, "epoch": epoch, "metrics": metrics}
+    meta = {"job": job_to_dict(job), "vocab": vocab.__dict__, "epoch": epoch, "metrics": metrics,
+            "mlflow_run_id": mlflow_run_id}
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -348,6 +349,10 @@ def train_loop_per_worker(config: dict) -> None:
                 st[k] = v.to(device)
 
     logger = _rank_zero_logger(config) if rank == 0 else None
+    if logger is not None and checkpoint is not None:
+        # Restarted after a failure: the epoch of the checkpoint may have been lost with its worker between
+        # the checkpoint being registered and its metrics being logged; log them from the checkpoint.
+        logger.log_if_missing(resume_dir)
     monitor = _system_metrics(config) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
@@ -384,7 +389,7 @@ def train_loop_per_worker(config: dict) -> None:
         rngs = gather_rng_states()
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, model, optimizer, epoch, job, vocab, metrics, rngs)
+                save_checkpoint(tmp, model, optimizer, epoch, job, vocab, metrics, rngs, config.get("mlflow_run_id"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -501,6 +506,27 @@ class EpochLogger:
         if self.failing is not None:
             print(f"raylsm: MLflow store {self.shown_uri} reachable again; kept metrics logged", file=sys.stderr, flush=True)
             self.failing = None
+        return True
+
+    def log_if_missing(self, checkpoint_dir: str) -> bool:
+        """Log a checkpoint's epoch metrics when this run wrote it but the store lacks that epoch; True if logged."""
+        path = os.path.join(checkpoint_dir, META_FILE)
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            meta = json.load(f)
+        if meta.get("mlflow_run_id") != self.run_id or not meta.get("metrics"):
+            return False
+        try:
+            from mlflow.tracking import MlflowClient
+
+            logged = {m.step for m in MlflowClient(tracking_uri=self.uri).get_metric_history(self.run_id, "train_loss")}
+        except Exception:  # store unreachable: the epoch goes to the pending list below and is retried
+            logged = set()
+        epoch = int(meta["epoch"])
+        if epoch in logged:
+            return False
+        self(meta["metrics"], epoch)
         return True
 
     def epochs(self) -> list[int]:
