@@ -268,8 +268,11 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str, job, manifest
     from mlflow.models import infer_signature
 
     import raylsm
-    from raylsm.serving import score_frame
     from raylsm.data.collate import CollateSpec
+
+    with warnings.catch_warnings():  # MLflow's hint about type hints on predict, raised when the class is defined
+        warnings.simplefilter("ignore", UserWarning)
+        from raylsm.serving import score_frame
     from raylsm.train.loop import model_from_checkpoint
 
     example = input_example(job, manifest)
