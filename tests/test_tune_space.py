@@ -144,3 +144,10 @@ def test_table_mean_and_spread():
     assert rows["cell=a"]["auc_std"] == pytest.approx(0.1)  # sample standard deviation
     assert rows["cell=b"]["auc_std"] == 0.0 and rows["cell=b"]["gauc_mean"] != rows["cell=b"]["gauc_mean"]
     assert "| cell=a | 3 | 0.7000 ± 0.1000" in markdown(list(rows.values()))
+
+
+def test_bad_set_override_is_named_as_the_flag_not_a_key_of_the_space():
+    from raylsm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--set model.lap.k9=1: model.lap.k9: unknown config key"):
+        load_space(ROOT / "tune_spaces/lcn.yaml", overrides=["model.lap.k9=1"])

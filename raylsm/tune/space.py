@@ -267,6 +267,11 @@ def load_space(path: str | Path, searcher: str | None = None, overrides: list[st
             raise ConfigError(f"{p}: key 'bundles.{bundle}': no label {missing[0]!r} (labels: {', '.join(map(str, labels))})")
     space = Space(p, f, preset, config, dists)
     base_flags = None
+    for override in overrides or []:  # a bad --set is the user's flag, not a key of the space file
+        try:
+            resolve_job(preset=preset, config_file=config, overrides=[override])
+        except ConfigError as e:
+            raise ConfigError(f"--set {override}: {e}") from None
     for key in f.fixed:
         _check_key(space, key, f.fixed[key], "fixed", overrides)
     for key, d in dists.items():
