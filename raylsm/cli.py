@@ -48,7 +48,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         users=args.users, rows=args.rows, ll_len=args.ll_len, st_len=args.st_len, shards=args.shards,
         domains=args.domains, seed=args.seed, interests=args.interests, cates_per_interest=args.cates_per_interest,
         tgt_items=args.tgt_items, src_items=args.src_items, p_real=args.p_real, p_decoy=args.p_decoy,
-        bridge=args.bridge == "on", context_effect=args.context_effect == "on",
+        st_noise=args.st_noise, bridge=args.bridge == "on", context_effect=args.context_effect == "on",
     )
     emit(generate_config(args.out, cfg, progress=not args.quiet))
     return 0
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-real", type=float, default=0.4, help="share of real (liked-interest) sessions")
     p.add_argument("--p-decoy", type=float, default=0.4,
                    help="share of decoy sessions: > p_real makes decoys the frequent interests (counting misleads)")
+    p.add_argument("--st-noise", type=float, default=0.2,
+                   help="share of st_tgt items of a random interest instead of a current one: higher weakens the "
+                        "short-term shortcut (and the bridge) so the lifelong sequence matters more")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_data_synth)
 

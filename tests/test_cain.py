@@ -116,6 +116,34 @@ def test_tcn_zero_padding_at_both_ends_matches_hand_computed_eq5():
     assert checked >= 10
 
 
+
+def test_activation_none_is_eq5_as_printed_and_dirac_init_starts_at_the_input():
+    seq, mask, cand, profile = make_inputs()
+    cfg = make_cfg(cl=2)
+    cfg.context.activation = "none"
+    enc = encoder(cfg)
+    with torch.no_grad():
+        enc.layers[0].bias.normal_()
+    layer = enc.layers[0]
+    expected = F.conv1d(F.pad(seq.transpose(1, 2), (2, 2)), layer.weight, layer.bias).transpose(1, 2)  # eq. 5, no ReLU
+    cr, _ = enc(seq, mask, cand, profile)
+    torch.testing.assert_close(cr[mask], expected[mask])
+    assert (cr[mask] < 0).any()  # linear: negative outputs survive (the ReLU reading zeroes them)
+    # init=dirac: cr_t = lhe_t at the start (noise 0), and scaled xavier noise on top otherwise.
+    cfg.context.init, cfg.context.init_noise = "dirac", 0.0
+    cr, _ = encoder(cfg)(seq, mask, cand, profile)
+    torch.testing.assert_close(cr[mask], seq[mask])
+    cfg.context.init_noise = 0.1
+    w = encoder(cfg).layers[0].weight.detach()
+    centre = w[:, :, 2] - torch.eye(IN)
+    assert 0 < w[:, :, 0].abs().max() < 0.2 and 0 < centre.abs().max() < 0.2
+    for key, value, match in (("activation", "tanh", "context.activation"), ("init", "zeros", "context.init"),
+                              ("init_noise", -1.0, "context.init_noise")):
+        bad = ContextConfig(**{key: value})
+        with pytest.raises(ConfigError, match=match):
+            bad.validate()
+
+
 # ----------------------------------------------------------------------------- padding
 
 

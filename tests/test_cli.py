@@ -71,6 +71,9 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     assert err and all(line.startswith("raylsm: error:") for line in err) and "does not exist" in err[0]
     assert main(["data", "synth", "--out", str(tmp_path / "x"), "--rows", "0", "--quiet"]) == 2
     assert "--rows" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--st-noise", "1.5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--st-noise" in err[0] and "[0, 1]" in err[0]
 
 
 def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys):

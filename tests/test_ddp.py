@@ -7,7 +7,10 @@ fail. Every run reports a checkpoint whose ``train_rows`` counts the rows of bot
 
 from __future__ import annotations
 
+import glob
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,8 +104,11 @@ def test_every_preset_trains_two_ddp_steps_with_two_workers(ray_local, ddp_data,
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
         datasets={"train": read_split(ddp_data, "train", spec, shuffle_seed=0), "test": read_split(ddp_data, "test", spec)},
     )
+    stores_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "raylsm-pg-*")))
     result = trainer.fit()
     assert result.error is None, result.error
+    # The file rendezvous of the group is removed with the group.
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "raylsm-pg-*"))) - stores_before == set()
     reported = sorted(result.best_checkpoints, key=lambda cm: cm[0].path)
     assert len(reported) == len(jobs)
     trained = []

@@ -222,8 +222,13 @@ def depthwise_conv1d(x: Tensor, weight: Tensor, stride: int) -> Tensor:
 # ----------------------------------------------------------------------------- TCN layer
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 class TCNLayer(nn.Module):
-    """One TCN layer (eq. 5, or eq. 12 with PEG): kernel ``2·cl+1``, ``stride``, ReLU.
+    """One TCN layer (eq. 5, or eq. 12 with PEG): kernel ``2·cl+1``, ``stride``, then ``activation``
+    (``relu``: §4.2.1's non-linearity; ``none``: eq. 5 as printed, linear in the window).
 
     ``forward(x (B, C_in, L), mask (B, L), profile (B, P)) -> (y (B, C, L_out), mask_out (B, L_out))``;
     ``keep_mask=True`` (layer 1) keeps the input mask, otherwise the window max-pool. ``x`` must
@@ -248,15 +253,24 @@ class TCNLayer(nn.Module):
         peg: PEGConfig | None = None,
         profile_dim: int = 0,
         keep_mask: bool = False,
+        activation: str = "relu",
+        init: str = "xavier",
+        init_noise: float = 0.1,
     ):
         super().__init__()
         self.kernel, self.stride, self.keep_mask = 2 * cl + 1, stride, keep_mask
+        self.act = F.relu if activation == "relu" else _identity
         self.aggregation = peg.aggregation if peg is not None else None
         # Global filter W^C (eq. 5); not created when PEG replaces it (no unused parameters under DDP).
         self.weight = None
         if self.aggregation != "replace":
             self.weight = nn.Parameter(torch.empty(c_out, c_in, self.kernel))
             nn.init.xavier_uniform_(self.weight)
+            if init == "dirac":  # cr_t starts as lhe_t (the first min(C, C_in) channels) plus scaled noise
+                with torch.no_grad():
+                    self.weight.mul_(init_noise)
+                    eye = torch.eye(c_out, c_in)
+                    self.weight[:, :, self.kernel // 2] += eye
         self.bias = nn.Parameter(torch.zeros(c_out))  # b_c, eqs. (5)/(12)
         self.generator = None
         self.mix = None
@@ -288,17 +302,17 @@ class TCNLayer(nn.Module):
         # layer's output (and the next layer's unfolded input) in bf16 instead of promoting to fp32.
         if self.generator is None:
             z = F.conv1d(xp, self.weight, stride=self.stride)  # (B, C, L_out)
-            y = F.relu(z + self.bias.view(1, -1, 1).to(z.dtype))  # Eq. (5)
+            y = self.act(z + self.bias.view(1, -1, 1).to(z.dtype))  # Eq. (5)
         else:
             personal = self.personal(xp, profile)  # (B, C, L_out)
             bias = self.bias.view(1, -1, 1).to(personal.dtype)  # (1, C, 1)
             if self.aggregation == "replace":
-                y = F.relu(personal + bias)  # Eq. (12)
+                y = self.act(personal + bias)  # Eq. (12)
             elif self.aggregation == "sum":
-                y = F.relu(F.conv1d(xp, self.weight, stride=self.stride) + personal + bias)  # Eq. (5) + (12)
+                y = self.act(F.conv1d(xp, self.weight, stride=self.stride) + personal + bias)  # Eq. (5) + (12)
             else:  # concat
-                glob = F.relu(F.conv1d(xp, self.weight, stride=self.stride) + bias)  # Eq. (5)
-                pers = F.relu(personal + self.personal_bias.view(1, -1, 1).to(personal.dtype))  # Eq. (12)
+                glob = self.act(F.conv1d(xp, self.weight, stride=self.stride) + bias)  # Eq. (5)
+                pers = self.act(personal + self.personal_bias.view(1, -1, 1).to(personal.dtype))  # Eq. (12)
                 y = self.proj(torch.cat([glob, pers], dim=1))  # (B, 2C, L_out) -> (B, C, L_out)
         if self.keep_mask:
             mask_out = mask
@@ -425,6 +439,9 @@ class ContextEncoder(nn.Module):
                         peg if use_peg else None,
                         profile_dim,
                         keep_mask=(i == 0),
+                        activation=ctx.activation,
+                        init=ctx.init,
+                        init_noise=ctx.init_noise,
                     )
                 )
                 if i > 0:

@@ -199,10 +199,24 @@ class ContextConfig:
     # How the encoder output cr_t enters the lifelong module: replace = the paper's eq. 6 (cr_t
     # replaces lhe_t); concat = [lhe_t ‖ cr_t], so retrieval keeps a direct handle on the item.
     merge: Literal["replace", "concat"] = "replace"
+    # Non-linearity after each TCN layer: relu = CAIN §4.2.1's "non-linear activation"; none = eq. 5
+    # as printed (cr_t is linear in its window).
+    activation: Literal["relu", "none"] = "relu"
+    # Initial global filter W^C of each TCN layer: xavier = random (the paper's init); dirac = the
+    # identity on the centre tap (cr_t = lhe_t at the start, where C = C_in) plus xavier noise scaled
+    # by ``init_noise`` on every tap, so the encoder starts from the behaviour representation it replaces.
+    init: Literal["xavier", "dirac"] = "xavier"
+    init_noise: float = 0.1
 
     def validate(self) -> None:
         if self.merge not in ("replace", "concat"):
             raise ConfigError(f"model.context.merge: must be replace or concat, got {self.merge!r}")
+        if self.init not in ("xavier", "dirac"):
+            raise ConfigError(f"model.context.init: must be xavier or dirac, got {self.init!r}")
+        if self.init_noise < 0:
+            raise ConfigError(f"model.context.init_noise: must be >= 0, got {self.init_noise}")
+        if self.activation not in ("relu", "none"):
+            raise ConfigError(f"model.context.activation: must be relu or none, got {self.activation!r}")
         if self.cl < 0:
             raise ConfigError(f"model.context.cl: must be >= 0, got {self.cl}")
         if self.out_dim < 0:

@@ -11,6 +11,7 @@ keeps Ray's own ``env://`` setup unchanged.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -36,6 +37,19 @@ def _pin_to_loopback(interface: str) -> None:
 
 
 class _LoopbackTorchBackend(_TorchBackend):
+    _store_dir: str | None = None
+
+    def _remove_store(self) -> None:
+        if self._store_dir is not None:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
+            self._store_dir = None
+
+    def on_shutdown(self, worker_group, backend_config: "LoopbackTorchConfig"):
+        try:
+            super().on_shutdown(worker_group, backend_config)
+        finally:
+            self._remove_store()  # the group is gone: its rendezvous directory goes with it
+
     def on_start(self, worker_group, backend_config: "LoopbackTorchConfig"):
         if backend_config.backend is not None:
             backend = backend_config.backend
@@ -43,7 +57,9 @@ class _LoopbackTorchBackend(_TorchBackend):
             resources = worker_group.get_resources_per_worker()
             backend = "nccl" if resources.get("GPU", 0) > 0 else "gloo"
         # A fresh, empty file per group start (a restarted group after a worker loss gets its own).
-        store = os.path.join(tempfile.mkdtemp(prefix="raylsm-pg-"), "store")
+        self._remove_store()  # a restarted group: the previous group's directory
+        self._store_dir = tempfile.mkdtemp(prefix="raylsm-pg-")
+        store = os.path.join(self._store_dir, "store")
         worker_group.execute(_pin_to_loopback, interface=backend_config.interface)
         worker_group.execute(_set_torch_distributed_env_vars)
         import ray
