@@ -72,6 +72,12 @@ Effect switches and the mechanism each one rewards (all on by default):
   ``--p-decoy 0`` makes counting suffice, ``--p-real 0.7 --p-decoy 0.1`` makes liked interests the
   frequent ones. The world size (``--interests``, ``--cates-per-interest``, ``--tgt-items``,
   ``--src-items``) sets how many rows a model needs to learn the bridge.
+* Short-term noise (``--st-noise`` [0.2]): the share of ``st_tgt`` items of a random interest. The
+  short-term target sequence is a shortcut: at 0.2 it alone ranks with AUC ≈ 0.74 at ``ll_len`` 100,
+  leaving the lifelong sequence ≈ +0.01 and the context effect ≈ +0.004 on top (a logistic model on
+  the hidden-interest counts). At 0.8 the shortcut falls to ≈ 0.64 and the lifelong sequence with its
+  neighbours' engagement adds ≈ +0.06 (+0.03 of it from the neighbours), so a context encoder has
+  something to find; the bridge weakens with it (fewer co-occurring pairs share an interest).
 
 Measured on 20k rows (seed 0, defaults): the true click probability ranks with AUC ≈ 0.84; "how many of
 the last 20 ``st_tgt`` items share the candidate's interest" ≈ 0.75 (same category ≈ 0.73);
