@@ -45,9 +45,11 @@ def test_resolve_job_precedence_and_errors(tmp_path):
 def test_synth_check_and_corrupt(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(["data", "synth", "--out", str(out), "--rows", "300", "--users", "20", "--ll-len", "30",
-                 "--shards", "2", "--quiet"]) == 0
+                 "--shards", "2", "--st-noise", "0.8", "--ctx-noise", "1", "--quiet"]) == 0
     summary = _last_json(capsys.readouterr().out)
     assert summary["rows"] == 300 and len(summary["files"]) == 4
+    params = json.loads((out / "manifest.json").read_text())["source"]["params"]
+    assert params["st_noise"] == 0.8 and params["ctx_noise"] == [1.0, 1.0, 1.0, 1.0]
     assert main(["data", "check", str(out)]) == 0
     assert _last_json(capsys.readouterr().out)["ok"] is True
 
@@ -74,6 +76,9 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "x"), "--st-noise", "1.5", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--st-noise" in err[0] and "[0, 1]" in err[0]
+    with pytest.raises(SystemExit):  # argparse's own one-line usage error
+        main(["data", "synth", "--out", str(tmp_path / "x"), "--ctx-noise", "0.5,0.5", "--quiet"])
+    assert "--ctx-noise" in capsys.readouterr().err
 
 
 def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys):
