@@ -153,34 +153,6 @@ def test_unshuffled_batches_equal_single_process_reader_and_previous_pipeline(da
     previous = ray.data.read_parquet(files, partitioning=None).select_columns(SPEC.columns).map_batches(
         functools.partial(collate_table, spec=SPEC), batch_format="pyarrow", batch_size=4096, zero_copy_batch=True)
     _assert_same_batches(new, _ray_batches(previous, 16))
-    # The worker's first epoch starts reading in a thread while the model is built: same batches.
-    from raylsm.train.loop import _EarlyStart, _torch_batches, to_device
-
-    cpu = torch.device("cpu")
-    early = _EarlyStart(_torch_batches(read_split(dataset, "train", SPEC, 20).iterator(), 16, cpu, mark=False))
-    _assert_same_batches([{k: v.numpy() for k, v in to_device(b, cpu).items()} for b in early], local)
-
-
-def test_early_start_yields_everything_in_order_and_raises_in_the_consumer():
-    from raylsm.train.loop import _EarlyStart
-
-    assert list(_EarlyStart(range(5))) == [0, 1, 2, 3, 4]
-    assert list(_EarlyStart([])) == []
-
-    def broken():
-        yield 1
-        raise OSError("shard gone")
-
-    assert list(_EarlyStart(iter([7]))) == [7]
-    with pytest.raises(OSError, match="shard gone"):
-        list(_EarlyStart(broken()))
-
-    def broken_first():
-        raise OSError("no first block")
-        yield  # pragma: no cover
-
-    with pytest.raises(OSError, match="no first block"):
-        list(_EarlyStart(broken_first()))
 
 
 @pytest.mark.ray

@@ -278,7 +278,7 @@ def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
 
 
 def _torch_batches(shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int | None = None,
-                   prefetch: int = 2, pin_memory: bool = True, mark: bool = True) -> Iterator:
+                   prefetch: int = 2, pin_memory: bool = True) -> Iterator:
     """Batches of a Ray Data shard as tensors on ``device``.
 
     Rows arrive collated and already shuffled by the read tasks (``raylsm.data.pipeline``), so
@@ -292,38 +292,7 @@ def _torch_batches(shard, batch_size: int, device: torch.device, shuffle_buffer:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
     batches = shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=False, prefetch_batches=prefetch,
                                        pin_memory=pin_memory and device.type == "cuda", **kwargs)
-    return _mark_first_batch(batches) if mark and _FIRST_BATCH_FILE in os.environ else batches
-
-
-class _EarlyStart:
-    """An iterable whose first item is fetched in a thread from construction on, so that Ray Data starts
-    reading (operators, read tasks, the first collated block) while the worker builds its model.
-    Iterating it waits for that item, then yields it and the rest; an error of the fetch is raised there."""
-
-    def __init__(self, iterable: Iterable):
-        import threading
-
-        self._it = iter(iterable)
-        self._first: list = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._fetch, name="raylsm-first-batch", daemon=True)
-        self._thread.start()
-
-    def _fetch(self) -> None:
-        try:
-            self._first.append(next(self._it))
-        except StopIteration:
-            pass
-        except BaseException as e:  # re-raised in the consumer
-            self._error = e
-
-    def __iter__(self) -> Iterator:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        yield from self._first
-        self._first.clear()
-        yield from self._it
+    return _mark_first_batch(batches) if _FIRST_BATCH_FILE in os.environ else batches
 
 
 _FIRST_BATCH_FILE = "RAYLSM_FIRST_BATCH_FILE"  # `raylsm bench startup`: where to note when the first batch arrives
@@ -357,26 +326,17 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(job.train.seed + rank)
     device = ray.train.torch.get_device()
 
+    model = build_model(job.model, vocab)
+    if job.train.compile:
+        model.compile()  # in place: the module, its state_dict keys and DDP wrapping stay as they are
+    optimizer = torch.optim.Adam(model.parameters(), lr=job.train.lr)
+    start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     resume_dir = None
     if checkpoint is not None:
         resume_dir = checkpoint.to_directory()
     elif job.resume_from:
         resume_dir = job.resume_from
-    train_shard = ray.train.get_dataset_shard("train")
-
-    def train_batches(epoch: int, mark: bool = True) -> Iterator:
-        return _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch,
-                              job.train.prefetch_batches, job.train.pin_memory, mark=mark)
-
-    # A fresh run starts reading its first epoch now, while the model, DDP and the MLflow logger are set up.
-    early = _EarlyStart(train_batches(0, mark=False)) if resume_dir is None else None
-
-    model = build_model(job.model, vocab)
-    if job.train.compile:
-        model.compile()  # in place: the module, its state_dict keys and DDP wrapping stay as they are
-    optimizer = torch.optim.Adam(model.parameters(), lr=job.train.lr)
-    start_epoch = 0
     if resume_dir is not None:
         start_epoch = restore_checkpoint(resume_dir, model, optimizer, rank, ctx.get_world_size(), job.train.seed)
     # DDP needs to know when the forward leaves parameters without a gradient (din, sdim: the ctx/gap tables).
@@ -394,19 +354,17 @@ def train_loop_per_worker(config: dict) -> None:
         # the checkpoint being registered and its metrics being logged; log them from the checkpoint.
         logger.log_if_missing(resume_dir)
     monitor = _system_metrics(config) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     test_shard = ray.train.get_dataset_shard("test")
     selection = EarlyStopping(job.train.early_stop_patience, _previous_metrics(resume_dir))
     for epoch in range(start_epoch, job.train.epochs):
         with tqdm(desc=f"epoch {epoch}", unit=" rows", disable=rank != 0, file=sys.stderr, mininterval=10) as bar:
-            if early is not None and epoch == 0:
-                batches = _mark_first_batch(early) if _FIRST_BATCH_FILE in os.environ else early
-            else:
-                batches = train_batches(epoch)
             stats = train_epoch(
                 model,
                 optimizer,
-                batches,
+                _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch,
+                               job.train.prefetch_batches, job.train.pin_memory),
                 device,
                 max_steps=job.train.max_steps_per_epoch,
                 bf16=job.train.bf16,

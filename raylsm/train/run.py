@@ -216,9 +216,6 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
             callbacks=callbacks,
         ),
         datasets=datasets,
-        # One worker reads its datasets itself: no streaming_split coordinator actor to start (a process,
-        # seconds of start-up on a small machine) and no actor hop per block. Several workers split them.
-        dataset_config=ray.train.DataConfig(datasets_to_split="all" if job.train.workers > 1 else []),
     )
 
 
