@@ -116,7 +116,6 @@ def test_tcn_zero_padding_at_both_ends_matches_hand_computed_eq5():
     assert checked >= 10
 
 
-
 def test_activation_none_is_eq5_as_printed_and_dirac_init_starts_at_the_input():
     seq, mask, cand, profile = make_inputs()
     cfg = make_cfg(cl=2)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from raylsm.data.collate import _list_parts, tail_pad
 from raylsm.data.contract import read_manifest
 
 COLUMNS = ("item_cate", "label", "st_tgt_cates", "ll_cates", "ll_ctx")
@@ -30,15 +31,9 @@ ROWS = ("st", "st+ll", "st+ll+own", "st+ll+own+nb")
 
 
 def _padded(table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as a left-aligned (N, max_len) array and its validity mask."""
-    values = table[column].combine_chunks()
-    offsets = values.offsets.to_numpy()
-    lengths = np.diff(offsets)
-    width = max(int(lengths.max(initial=0)), 1)
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    out = np.zeros(mask.shape, np.int64)
-    out[mask] = values.values.to_numpy()
-    return out, mask
+    """A list column as a left-padded (N, max_len) array and its validity mask (the collate's own padding)."""
+    offsets, values = _list_parts(table[column])
+    return tail_pad(offsets, values, max(int(np.diff(offsets).max(initial=0)), 1))
 
 
 def _window_mean(x: np.ndarray, mask: np.ndarray, half: int) -> np.ndarray:
