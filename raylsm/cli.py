@@ -58,7 +58,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         users=args.users, rows=args.rows, ll_len=args.ll_len, st_len=args.st_len, shards=args.shards,
         domains=args.domains, seed=args.seed, interests=args.interests, cates_per_interest=args.cates_per_interest,
         tgt_items=args.tgt_items, src_items=args.src_items, p_real=args.p_real, p_decoy=args.p_decoy,
-        st_noise=args.st_noise, ctx_noise=args.ctx_noise, bridge=args.bridge == "on", context_effect=args.context_effect == "on",
+        st_noise=args.st_noise, ctx_noise=args.ctx_noise, focus=args.focus, bridge=args.bridge == "on", context_effect=args.context_effect == "on",
     )
     emit(generate_config(args.out, cfg, progress=not args.quiet))
     return 0
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-noise", type=_ctx_noise, default=(0.6, 0.7, 0.8, 0.9), metavar="Q[,Q,Q,Q]",
                    help="probability that a focus behaviour's own engagement is random, by user activity 1..4 (one "
                         "value: all four); 1 leaves only the neighbours' engagement to tell real from decoy sessions")
+    p.add_argument("--focus", type=float, default=0.5,
+                   help="share of a session's behaviours of its focus interest (the rest: feed items of random "
+                        "interests); 1 removes the session-topic signal a window could use to tell focus from feed items")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_data_synth)
 

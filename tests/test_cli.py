@@ -45,11 +45,11 @@ def test_resolve_job_precedence_and_errors(tmp_path):
 def test_synth_check_and_corrupt(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(["data", "synth", "--out", str(out), "--rows", "300", "--users", "20", "--ll-len", "30",
-                 "--shards", "2", "--st-noise", "0.8", "--ctx-noise", "1", "--quiet"]) == 0
+                 "--shards", "2", "--st-noise", "0.8", "--ctx-noise", "1", "--focus", "1", "--quiet"]) == 0
     summary = _last_json(capsys.readouterr().out)
     assert summary["rows"] == 300 and len(summary["files"]) == 4
     params = json.loads((out / "manifest.json").read_text())["source"]["params"]
-    assert params["st_noise"] == 0.8 and params["ctx_noise"] == [1.0, 1.0, 1.0, 1.0]
+    assert params["st_noise"] == 0.8 and params["ctx_noise"] == [1.0, 1.0, 1.0, 1.0] and params["focus"] == 1.0
     assert main(["data", "check", str(out)]) == 0
     assert _last_json(capsys.readouterr().out)["ok"] is True
 

@@ -302,3 +302,21 @@ def test_neighbourhood_context_carries_signal(effects):
     for level in (1, 2, 3, 4):
         sel = mask & (ctx == level)
         assert real[sel & (nbr >= 2.5)].mean() > 1.8 * real[sel & (nbr < 2.5)].mean()
+
+
+@pytest.mark.parametrize("focus", [0.5, 1.0])
+def test_focus_sets_the_share_of_session_topic_behaviours(focus):
+    """``--focus``: the share of a session's behaviours of its focus interest; 1 = every behaviour of a
+    session shares one interest, so a window has no focus-vs-feed contrast left to exploit."""
+    world = build_world(SynthConfig(cache_elems=0, focus=focus, **SMALL))
+    u = np.repeat(np.arange(1, 301), 200)
+    pos = np.tile(np.arange(200), 300)
+    tl = source_timeline(world, u, pos)
+    assert tl["topic"].mean() == pytest.approx(focus, abs=0.01)
+    s = pos // world.sess_len[u]
+    same = (s[1:] == s[:-1]) & (u[1:] == u[:-1])  # consecutive behaviours of one session
+    shared = (tl["interest"][1:] == tl["interest"][:-1])[same].mean()
+    if focus == 1.0:
+        assert shared == 1.0
+    else:  # two focus items (p = 1/4) share the interest; feed items only by chance
+        assert 0.2 < shared < 0.4
