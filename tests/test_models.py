@@ -57,6 +57,31 @@ def test_backbone_substitution_trains_one_step(backbone, enhancement):
     assert torch.isfinite(model(batch)[0]).all()
 
 
+@pytest.mark.parametrize("backbone", ["sim_soft", "eta", "twin", "lap"])
+@pytest.mark.parametrize("merge", ["concat", "context"])
+def test_context_merge_feeds_the_encoder_output_to_the_lifelong_module(backbone, merge):
+    """Every merge reading reaches the lifelong module: the TCN gets a gradient through the loss and
+    changing its output changes the logits."""
+    model = small(backbone, context={"kind": "tcn", "merge": merge, "out_dim": 16})
+    batch = make_batch(b=8, s=5, l=30, seed=3)
+    logits, _ = model(batch)
+    F.binary_cross_entropy_with_logits(logits, batch["label"]).backward()
+    tcn = model.context_encoder.layers[0]
+    assert tcn.weight.grad is not None and tcn.weight.grad.abs().sum() > 0
+    model.eval()
+    before = model(batch)[0]
+    with torch.no_grad():
+        tcn.bias.add_(1.0)
+    assert not torch.allclose(model(batch)[0], before)
+
+
+def test_context_merge_needs_a_module_that_reads_context():
+    for backbone in ("din", "sdim"):
+        with pytest.raises(ConfigError, match="model.context.merge=context"):
+            preset_config(backbone, {"context": {"kind": "tcn", "merge": "context"}})
+    preset_config("din", {"context": {"kind": "tcn", "merge": "concat"}})
+
+
 def test_crp_weight_zero_is_exactly_the_backbone():
     lap, lcn = small("lap"), small("lcn", crp={"weight": 0.0})
     for (n1, p1), (n2, p2) in zip(lap.state_dict().items(), lcn.state_dict().items()):

@@ -197,8 +197,10 @@ class ContextConfig:
     bidirectional: bool = True
     heads: int = 1  # kind=self_attention: heads (out_dim must be divisible by heads)
     # How the encoder output cr_t enters the lifelong module: replace = the paper's eq. 6 (cr_t
-    # replaces lhe_t); concat = [lhe_t ‖ cr_t], so retrieval keeps a direct handle on the item.
-    merge: Literal["replace", "concat"] = "replace"
+    # replaces lhe_t); concat = [lhe_t ‖ cr_t], so retrieval keeps a direct handle on the item;
+    # context = cr_t joins the behaviour's context features [e_c ‖ cr_t] (where MSA/FSA, the ESU and
+    # TWIN's cross part read engagement), the behaviour representation is left as it is.
+    merge: Literal["replace", "concat", "context"] = "replace"
     # Non-linearity after each TCN layer: relu = CAIN §4.2.1's "non-linear activation"; none = eq. 5
     # as printed (cr_t is linear in its window).
     activation: Literal["relu", "none"] = "relu"
@@ -209,8 +211,8 @@ class ContextConfig:
     init_noise: float = 0.1
 
     def validate(self) -> None:
-        if self.merge not in ("replace", "concat"):
-            raise ConfigError(f"model.context.merge: must be replace or concat, got {self.merge!r}")
+        if self.merge not in ("replace", "concat", "context"):
+            raise ConfigError(f"model.context.merge: must be replace, concat or context, got {self.merge!r}")
         if self.init not in ("xavier", "dirac"):
             raise ConfigError(f"model.context.init: must be xavier or dirac, got {self.init!r}")
         if self.init_noise < 0:
@@ -299,6 +301,9 @@ class ModelConfig:
             raise ConfigError("model.msia.enabled: MSIA stacks TCN layers and needs model.context.kind=tcn")
         if self.peg.enabled and self.context.kind != "tcn":
             raise ConfigError("model.peg.enabled: PEG generates TCN filters and needs model.context.kind=tcn")
+        if self.context.kind != "none" and self.context.merge == "context" and self.lifelong in ("din", "sdim"):
+            raise ConfigError(f"model.context.merge=context: {self.lifelong} reads no context features, so the "
+                              "encoder output would be unused (use replace or concat)")
 
 
 # Presets: partial model configs over the defaults. LCN = lap + crp; CAIN = lap + tcn + msia + peg.

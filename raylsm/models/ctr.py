@@ -7,7 +7,8 @@ P profile fields. The forward pass reads like LCN Fig. 2 / CAIN Fig. 2:
 2. short-term interest: target attention over ``st_tgt`` and ``st_src``;
 3. optional context encoder (CAIN §4.1–4.3: TCN / MSIA / PEG) whose output
    ``cr_t`` replaces the behaviour representation ``lhe_t`` (CAIN eq. 6; ``context.merge =
-   replace``) or is appended to it (``concat``: ``[lhe_t ‖ cr_t]``);
+   replace``), is appended to it (``concat``: ``[lhe_t ‖ cr_t]``) or to the behaviour's context
+   features (``context``: ``[e_c ‖ cr_t]``, read where the lifelong module reads context);
 4. lifelong interest from the registry module (``din`` ... ``lap``);
 5. MLP head over ``[candidate ‖ profile ‖ short-term ‖ lifelong (‖ MSIA aux)]`` -> logits (B,).
 
@@ -47,10 +48,12 @@ class CTRModel(nn.Module):
         self.context_encoder = build_context_encoder(
             cfg, in_dim=f.behaviour_dim + f.context_dim, query_dim=f.behaviour_dim, profile_dim=f.profile_dim
         )
-        seq_dim = f.behaviour_dim
+        seq_dim, ctx_dim = f.behaviour_dim, f.context_dim
         if self.context_encoder is not None:
-            seq_dim = self.context_encoder.out_dim + (f.behaviour_dim if cfg.context.merge == "concat" else 0)
-        self.lifelong = build_lifelong(cfg, query_dim=f.behaviour_dim, seq_dim=seq_dim, ctx_dim=f.context_dim)
+            merge, c = cfg.context.merge, self.context_encoder.out_dim
+            seq_dim = {"replace": c, "concat": f.behaviour_dim + c, "context": f.behaviour_dim}[merge]
+            ctx_dim += c if merge == "context" else 0
+        self.lifelong = build_lifelong(cfg, query_dim=f.behaviour_dim, seq_dim=seq_dim, ctx_dim=ctx_dim)
         self.crp = build_crp(cfg)
         aux_dim = self.context_encoder.aux_dim if self.context_encoder is not None else 0
         head_in = f.behaviour_dim + f.profile_dim + 2 * f.behaviour_dim + self.lifelong.out_dim + aux_dim
@@ -91,12 +94,18 @@ class CTRModel(nn.Module):
 
         # 3. Context-aware representations cr_t replace lhe_t (CAIN eq. 6).
         parts = [cand, profile, short]
-        seq = ll
+        seq, ll_ctx = ll, ctx
         if self.context_encoder is not None:
             cr, aux_interest = self.context_encoder(torch.cat([ll, ctx], dim=-1), ll_mask, cand, profile)
-            seq = cr if self.cfg.context.merge == "replace" else torch.cat([ll, cr], dim=-1)  # (B, L, C) or (B, L, 2D+C)
+            merge = self.cfg.context.merge
+            if merge == "replace":
+                seq = cr  # (B, L, C)
+            elif merge == "concat":
+                seq = torch.cat([ll, cr], dim=-1)  # (B, L, 2D + C)
+            else:
+                ll_ctx = torch.cat([ctx, cr], dim=-1)  # (B, L, 2D + C)
         # 4. Lifelong interest.
-        parts.append(self.lifelong(cand, seq, ctx, ll_mask))
+        parts.append(self.lifelong(cand, seq, ll_ctx, ll_mask))
         if self.context_encoder is not None and self.context_encoder.aux_dim:
             parts.append(aux_interest)
 
