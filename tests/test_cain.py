@@ -136,6 +136,12 @@ def test_activation_none_is_eq5_as_printed_and_dirac_init_starts_at_the_input():
     w = encoder(cfg).layers[0].weight.detach()
     centre = w[:, :, 2] - torch.eye(IN)
     assert 0 < w[:, :, 0].abs().max() < 0.2 and 0 < centre.abs().max() < 0.2
+    # init=box: cr_t starts as the mean of its 2cl+1 window (zero padding counted).
+    cfg.context.init, cfg.context.init_noise = "box", 0.0
+    cr, _ = encoder(cfg)(seq, mask, cand, profile)
+    x = torch.where(mask.unsqueeze(-1), seq, 0.0)
+    window_mean = F.avg_pool1d(F.pad(x.transpose(1, 2), (2, 2)), 5, 1).transpose(1, 2)
+    torch.testing.assert_close(cr[mask], window_mean[mask])
     for key, value, match in (("activation", "tanh", "context.activation"), ("init", "zeros", "context.init"),
                               ("init_noise", -1.0, "context.init_noise")):
         bad = ContextConfig(**{key: value})

@@ -266,11 +266,14 @@ class TCNLayer(nn.Module):
         if self.aggregation != "replace":
             self.weight = nn.Parameter(torch.empty(c_out, c_in, self.kernel))
             nn.init.xavier_uniform_(self.weight)
-            if init == "dirac":  # cr_t starts as lhe_t (the first min(C, C_in) channels) plus scaled noise
+            if init in ("dirac", "box"):
                 with torch.no_grad():
                     self.weight.mul_(init_noise)
                     eye = torch.eye(c_out, c_in)
-                    self.weight[:, :, self.kernel // 2] += eye
+                    if init == "dirac":  # cr_t starts as lhe_t (the first min(C, C_in) channels) plus scaled noise
+                        self.weight[:, :, self.kernel // 2] += eye
+                    else:  # box: cr_t starts as the mean of its window (zero padding counts) plus scaled noise
+                        self.weight += eye.unsqueeze(-1) / self.kernel
         self.bias = nn.Parameter(torch.zeros(c_out))  # b_c, eqs. (5)/(12)
         self.generator = None
         self.mix = None

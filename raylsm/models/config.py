@@ -206,15 +206,17 @@ class ContextConfig:
     activation: Literal["relu", "none"] = "relu"
     # Initial global filter W^C of each TCN layer: xavier = random (the paper's init); dirac = the
     # identity on the centre tap (cr_t = lhe_t at the start, where C = C_in) plus xavier noise scaled
-    # by ``init_noise`` on every tap, so the encoder starts from the behaviour representation it replaces.
-    init: Literal["xavier", "dirac"] = "xavier"
+    # by ``init_noise`` on every tap, so the encoder starts from the behaviour representation it replaces;
+    # box = the identity / k on every tap (cr_t starts as the mean of its window: the neighbours'
+    # engagement is in it from the first step) plus the same noise.
+    init: Literal["xavier", "dirac", "box"] = "xavier"
     init_noise: float = 0.1
 
     def validate(self) -> None:
         if self.merge not in ("replace", "concat", "context"):
             raise ConfigError(f"model.context.merge: must be replace, concat or context, got {self.merge!r}")
-        if self.init not in ("xavier", "dirac"):
-            raise ConfigError(f"model.context.init: must be xavier or dirac, got {self.init!r}")
+        if self.init not in ("xavier", "dirac", "box"):
+            raise ConfigError(f"model.context.init: must be xavier, dirac or box, got {self.init!r}")
         if self.init_noise < 0:
             raise ConfigError(f"model.context.init_noise: must be >= 0, got {self.init_noise}")
         if self.activation not in ("relu", "none"):
