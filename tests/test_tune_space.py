@@ -151,3 +151,39 @@ def test_bad_set_override_is_named_as_the_flag_not_a_key_of_the_space():
 
     with pytest.raises(ConfigError, match=r"^--set model.lap.k9=1: model.lap.k9: unknown config key"):
         load_space(ROOT / "tune_spaces/lcn.yaml", overrides=["model.lap.k9=1"])
+
+
+def test_experiment_in_process_runs_every_cell_and_logs_the_table(tmp_path, capsys, monkeypatch):
+    """``--in-process``: every cell x seed trained here, each an MLflow child run; the table from them."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from jobs.experiments.run import _parser
+    from raylsm.cli import main
+    from tests.conftest import small_world_dataset
+
+    monkeypatch.chdir(tmp_path)
+    data = small_world_dataset(tmp_path / "data", rows=600)
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    budget = ["model.features.emb_dim=4", "model.head=[8]", "model.lap.k1=8", "model.lap.k2=4", "model.lap.att_dim=4",
+              "model.lap.ffn_dim=8", "data.ll_len=40", "data.st_len=10", "train.batch_size=128", "train.epochs=2"]
+    argv = ["headline", "--data", str(data), "--seeds", "2", "--grid", "variant=lap,lcn", "--in-process",
+            "--tracking-uri", uri, "--storage", str(tmp_path / "runs"), *(x for b in budget for x in ("--set", b))]
+    assert main(argv, parser=_parser()) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["mode"] == "in_process" and out["cells"] == 4
+    rows = {r["cell"]: r for r in out["rows"]}
+    assert set(rows) == {"variant=lap", "variant=lcn"} and all(r["n"] == 2 for r in rows.values())
+    client = MlflowClient(tracking_uri=uri)
+    children = client.search_runs([client.get_run(out["parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    for r in children:
+        history = client.get_metric_history(r.info.run_id, "auc")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
+        assert 0.0 < r.data.metrics["auc"] < 1.0 and r.data.params["train.epochs"] == "2"
+    lcn = [r for r in children if json.loads(r.data.tags["raylsm.trial_config"])["variant"] == "lcn"]
+    assert all(r.data.params["model.crp.enabled"] == "True" for r in lcn)
+    table = client.download_artifacts(out["parent_run_id"], "table.md", str(tmp_path))
+    assert "variant=lcn" in open(table).read()
