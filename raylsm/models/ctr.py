@@ -67,11 +67,11 @@ class CTRModel(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         f = self.features
         # 1. Embeddings.
-        cand, st_tgt, st_src, ll = f.behaviours(
-            [(batch[i], batch[c]) for i, c in (("item_id", "item_cate"), ("st_tgt_items", "st_tgt_cates"),
-                                               ("st_src_items", "st_src_cates"), ("ll_items", "ll_cates"))]
-        )  # (B, 2D), (B, S, 2D), (B, S, 2D), (B, L, 2D)
+        cand = f.behaviour(batch["item_id"], batch["item_cate"])  # (B, 2D)
         profile = f.profile(batch["profile"])  # (B, P*D)
+        st_tgt = f.behaviour(batch["st_tgt_items"], batch["st_tgt_cates"])  # (B, S, 2D)
+        st_src = f.behaviour(batch["st_src_items"], batch["st_src_cates"])  # (B, S, 2D)
+        ll = f.behaviour(batch["ll_items"], batch["ll_cates"])  # (B, L, 2D)
         ctx = f.context(batch["ll_ctx"], batch["ll_gap"])  # (B, L, 2D)
         ll_mask = batch["ll_mask"]
         # Under autocast, cast the embeddings once here: autocast casts an fp32 activation again at

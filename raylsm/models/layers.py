@@ -190,19 +190,6 @@ class FeatureLayer(nn.Module):
         """``[e_item ‖ e_cate]``: (..., 2D)."""
         return torch.cat([self.lookup("item", items), self.lookup("cate", cates)], dim=-1)
 
-    def behaviours(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
-        """``[e_item ‖ e_cate]`` of several (items, cates) id tensors, any shapes, with ONE lookup per table.
-
-        Same values as :meth:`behaviour` on each pair. Every lookup of a table gives it its own dense
-        (vocab × D) gradient in backward, summed afterwards; one lookup gives one (the candidate, both
-        short-term and the lifelong sequence share the item and category tables).
-        """
-        items = torch.cat([i.reshape(-1) for i, _ in pairs])
-        cates = torch.cat([c.reshape(-1) for _, c in pairs])
-        flat = self.behaviour(items, cates)  # (N, 2D)
-        parts = flat.split([i.numel() for i, _ in pairs])
-        return [x.view(*i.shape, -1) for x, (i, _) in zip(parts, pairs)]
-
     def context(self, ctx: Tensor, gap: Tensor) -> Tensor:
         """``e_c = [e_ctx ‖ e_gap]``: (..., 2D)."""
         return torch.cat([self.lookup("ctx", ctx), self.lookup("gap", gap)], dim=-1)
