@@ -6,7 +6,8 @@ encoder), cain_table2 (backbone + TCN), cain_table3 (backbone + MSIA), cain_tabl
 aggregation). The table (mean ± spread over seeds of the test metrics of each cell's checkpoint chosen on
 validation) is printed on stderr and logged to the search's parent run as ``table.md``/``table.csv``;
 the last stdout line is the JSON with the rows. ``--set`` fixes any config key (the budget: data
-sizes, model sizes, epochs).
+sizes, model sizes, epochs). ``--in-process`` trains the cells in this process without Ray
+(``fit_local``: all training rows, test metrics after the last epoch), each still an MLflow child run.
 """
 
 from __future__ import annotations
@@ -87,17 +88,19 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> int:
     """
     from mlflow.entities import Metric, Param
 
+    from raylsm.config import flatten
     from raylsm.data.contract import validate_dataset
     from raylsm.models.layers import Vocab
     from raylsm.train.config import default_tracking_uri
     from raylsm.train.loop import fit_local
     from raylsm.train.tracking import _client, _log_params, check_store, experiment_id, start_parent_run, used_config
-    from raylsm.config import flatten
     from raylsm.tune.space import describe, grid_points, load_space, trial_job
     from raylsm.tune.table import log_table, markdown, search_table
 
     name = args.experiment or args.table
     overrides = [f"data.path={args.data}", f"mlflow.experiment={name}", *args.overrides]
+    if args.gpu:
+        overrides.append("train.use_gpu=true")
     space = load_space(space_path, None, overrides)
     points = grid_points(space)
     jobs = [trial_job(space, point, overrides) for point in points]  # every cell checked before any training
