@@ -75,6 +75,23 @@ def test_context_merge_feeds_the_encoder_output_to_the_lifelong_module(backbone,
     assert not torch.allclose(model(batch)[0], before)
 
 
+def test_context_input_context_reads_only_engagement_and_gap():
+    """``context.input=context``: the encoder sees e_c only, so the behaviours' item ids do not move its output."""
+    model = small("lap", context={"kind": "tcn", "merge": "context", "input": "context", "out_dim": 16}).eval()
+    assert model.context_encoder.layers[0].weight.shape[1] == 2 * SMALL["features"]["emb_dim"]
+    outs = []
+    model.context_encoder.register_forward_hook(lambda m, i, o: outs.append(o[0]))
+    batch = make_batch(b=6, s=5, l=30, seed=2)
+    other = dict(batch, ll_items=torch.randint(1, 50, batch["ll_items"].shape), ll_cates=torch.randint(1, 9, batch["ll_cates"].shape))
+    model(batch), model(other)
+    torch.testing.assert_close(outs[0], outs[1])
+    changed = dict(batch, ll_ctx=torch.where(batch["ll_mask"], 5 - batch["ll_ctx"].clamp(1, 4), 0))
+    model(changed)
+    assert not torch.allclose(outs[0], outs[2])
+    with pytest.raises(ConfigError, match="model.context.input"):
+        preset_config("lap", {"context": {"kind": "tcn", "input": "item"}})
+
+
 def test_context_merge_needs_a_module_that_reads_context():
     for backbone in ("din", "sdim"):
         with pytest.raises(ConfigError, match="model.context.merge=context"):

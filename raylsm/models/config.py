@@ -192,6 +192,9 @@ class ContextConfig:
     kind: Literal["none", "tcn", "gru", "self_attention"] = "none"
     cl: int = 7  # context length: TCN kernel 2*cl+1 (CAIN §5.2.1: best 7-15, 7 used)
     out_dim: int = 0  # 0 = same as the input representation size
+    # What the encoder reads at each position: all = [lhe_t ‖ e_c,t] (eq. 5's ctxe_t ∪ lhe_t, item
+    # and context features); context = e_c,t only (engagement and time gap, no item identity).
+    input: Literal["all", "context"] = "all"
     # kind=gru: True = two GRUs (forward over the past, backward over the future) whose
     # outputs are concatenated (ceil/floor of out_dim each), like the TCN's two-sided window.
     bidirectional: bool = True
@@ -215,6 +218,8 @@ class ContextConfig:
     def validate(self) -> None:
         if self.merge not in ("replace", "concat", "context"):
             raise ConfigError(f"model.context.merge: must be replace, concat or context, got {self.merge!r}")
+        if self.input not in ("all", "context"):
+            raise ConfigError(f"model.context.input: must be all or context, got {self.input!r}")
         if self.init not in ("xavier", "dirac", "box"):
             raise ConfigError(f"model.context.init: must be xavier, dirac or box, got {self.init!r}")
         if self.init_noise < 0:

@@ -46,7 +46,8 @@ class CTRModel(nn.Module):
         self.st_tgt_attention = DotTargetAttention(f.behaviour_dim, f.behaviour_dim)
         self.st_src_attention = DotTargetAttention(f.behaviour_dim, f.behaviour_dim)
         self.context_encoder = build_context_encoder(
-            cfg, in_dim=f.behaviour_dim + f.context_dim, query_dim=f.behaviour_dim, profile_dim=f.profile_dim
+            cfg, in_dim=f.context_dim + (f.behaviour_dim if cfg.context.input == "all" else 0),
+            query_dim=f.behaviour_dim, profile_dim=f.profile_dim,
         )
         seq_dim, ctx_dim = f.behaviour_dim, f.context_dim
         if self.context_encoder is not None:
@@ -96,7 +97,8 @@ class CTRModel(nn.Module):
         parts = [cand, profile, short]
         seq, ll_ctx = ll, ctx
         if self.context_encoder is not None:
-            cr, aux_interest = self.context_encoder(torch.cat([ll, ctx], dim=-1), ll_mask, cand, profile)
+            enc_in = torch.cat([ll, ctx], dim=-1) if self.cfg.context.input == "all" else ctx  # (B, L, 4D) or (B, L, 2D)
+            cr, aux_interest = self.context_encoder(enc_in, ll_mask, cand, profile)
             merge = self.cfg.context.merge
             if merge == "replace":
                 seq = cr  # (B, L, C)
