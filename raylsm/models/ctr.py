@@ -93,7 +93,7 @@ class CTRModel(nn.Module):
             dim=-1,
         )  # (B, 4D)
 
-        # 3. Context-aware representations cr_t replace lhe_t (CAIN eq. 6).
+        # 3. Context-aware representations cr_t (CAIN eq. 6): merged as context.merge says.
         parts = [cand, profile, short]
         seq, ll_ctx = ll, ctx
         if self.context_encoder is not None:
