@@ -18,7 +18,9 @@ Every figure is the median of repeats, taken in the same run as its reference (t
 may be shared and noisy). Progress goes to stderr; the result is the last stdout line and is
 also logged to the MLflow experiment ``bench`` (params: the options; metrics: the numeric
 figures, flattened; the JSON as an artifact). Model timings run in a spawned process per
-(model, length), so peak RSS is that model's own.
+(model, length), so peak RSS is that model's own. ``startup`` also times Ray's own floor in the
+same run: a bare ``TorchTrainer`` streaming ``ray.data.range`` on a fresh local cluster
+(``ray_floor_seconds``; ``over_floor`` = ours ÷ it).
 """
 
 from __future__ import annotations

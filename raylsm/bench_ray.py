@@ -229,6 +229,25 @@ def local_first_batch(data: str, model: str, overrides: list[str], mark: str) ->
     Path(mark).write_text(repr(time.time()))
 
 
+def bare_trainer_first_batch(mark: str, storage: str) -> None:
+    """Ray's own floor: a fresh local cluster (as ``raylsm train`` starts it) and a bare ``TorchTrainer``
+    streaming ``ray.data.range`` to one worker, up to its first batch; no model, data files or MLflow."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raylsm.train.run import ensure_ray
+
+    def loop(config: dict) -> None:
+        next(iter(ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=64)))
+        Path(config["mark"]).write_text(repr(time.time()))
+
+    ensure_ray(quiet=True)
+    TorchTrainer(loop, train_loop_config={"mark": mark}, datasets={"train": ray.data.range(1000)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=1),
+                 run_config=ray.train.RunConfig(storage_path=storage)).fit()
+
+
 def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict) -> float:
     """Seconds from starting ``cmd`` to the time it writes into ``mark``; the command then runs to its end."""
     start = time.time()
@@ -252,7 +271,7 @@ def run_startup(args: argparse.Namespace) -> dict:
                      *(x for s in sets for x in ("--set", s))]
         if args.device == "cuda":
             train_cmd.append("--gpu")
-        ray_s, local_s = [], []
+        ray_s, local_s, floor_s = [], [], []
         for r in range(args.repeats):
             mark = Path(tmp) / f"ray-{r}"
             env = dict(os.environ, **{_FIRST_BATCH_FILE: str(mark)})
@@ -262,11 +281,20 @@ def run_startup(args: argparse.Namespace) -> dict:
             code = (f"from raylsm.bench_ray import local_first_batch; "
                     f"local_first_batch({data!r}, {args.model!r}, {json.dumps(sets)}, {str(mark)!r})")
             local_s.append(_time_to_mark([sys.executable, "-c", code], mark, args.timeout, dict(os.environ)))
-            log(f"repeat {r + 1}/{args.repeats}: raylsm train first batch after {ray_s[-1]:.1f} s; in-process {local_s[-1]:.1f} s")
+            mark = Path(tmp) / f"floor-{r}"
+            code = (f"from raylsm.bench_ray import bare_trainer_first_batch; "
+                    f"bare_trainer_first_batch({str(mark)!r}, {tmp + '/floor-runs'!r})")
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            floor_s.append(_time_to_mark([sys.executable, "-c", code], mark, args.timeout, env))
+            log(f"repeat {r + 1}/{args.repeats}: raylsm train first batch after {ray_s[-1]:.1f} s; in-process "
+                f"{local_s[-1]:.1f} s; bare TorchTrainer (Ray's floor) {floor_s[-1]:.1f} s")
     return {
         "bench": "startup", "device": args.device, "model": args.model,
         "seconds_to_first_batch": round(median(ray_s), 2), "in_process_seconds": round(median(local_s), 2),
+        "ray_floor_seconds": round(median(floor_s), 2),
         "ratio": round(median(ray_s) / median(local_s), 3), "ratio_is": "raylsm train (Ray) / in-process path",
-        "repeats": {"ray": [round(x, 2) for x in ray_s], "in_process": [round(x, 2) for x in local_s]},
+        "over_floor": round(median(ray_s) / median(floor_s), 3),
+        "repeats": {"ray": [round(x, 2) for x in ray_s], "in_process": [round(x, 2) for x in local_s],
+                    "ray_floor": [round(x, 2) for x in floor_s]},
         "machine": machine(),
     }

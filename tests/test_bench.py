@@ -103,6 +103,9 @@ def test_startup_times_the_first_batch_of_a_real_train_command(capsys, tiny_data
                *TINY_JOB, "--no-mlflow")
     assert out["seconds_to_first_batch"] > out["in_process_seconds"] > 0  # Ray's start-up is on top of the imports
     assert out["ratio"] == pytest.approx(out["seconds_to_first_batch"] / out["in_process_seconds"], rel=1e-2)
+    # Ray's floor (a bare TorchTrainer on a fresh local cluster) is measured in the same run.
+    assert out["ray_floor_seconds"] > out["in_process_seconds"] and len(out["repeats"]["ray_floor"]) == 1
+    assert out["over_floor"] == pytest.approx(out["seconds_to_first_batch"] / out["ray_floor_seconds"], rel=1e-2)
 
 
 @pytest.mark.parametrize("argv, option", [

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -314,6 +315,38 @@ def _mark_first_batch(batches: Iterable) -> Iterator:
         yield batch
 
 
+class _FirstFetched:
+    """Iterate ``batches``, its first item already being fetched in a background thread.
+
+    The worker starts its first epoch's data stream before it builds the model, loads the MLflow
+    logger and starts the system-metrics monitor, so Ray Data's split coordinator and read tasks
+    start while the worker sets up (they otherwise start at the first ``next``). The items and
+    their order are the iterator's own; an error raised while fetching is raised on iteration.
+    """
+
+    def __init__(self, batches: Iterable):
+        self._it = iter(batches)
+        self._first: tuple = ()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name="raylsm-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = (next(self._it),)
+        except StopIteration:
+            pass
+        except BaseException as e:  # re-raised in the consuming thread
+            self._error = e
+
+    def __iter__(self) -> Iterator:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._it
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; ``config`` = {"job": JobConfig dict, "vocab": Vocab dict, "mlflow_run_id", "tracking_uri"}."""
     import ray.train
@@ -325,13 +358,21 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     seed_everything(job.train.seed + rank)
     device = ray.train.torch.get_device()
+    train_shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches(epoch: int):
+        return _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch,
+                              job.train.prefetch_batches, job.train.pin_memory)
+
+    checkpoint = ray.train.get_checkpoint()
+    # A fresh run starts its first epoch's stream now, so the data arrives while the model is built.
+    first_epoch = _FirstFetched(epoch_batches(0)) if checkpoint is None and not job.resume_from and job.train.epochs > 0 else None
 
     model = build_model(job.model, vocab)
     if job.train.compile:
         model.compile()  # in place: the module, its state_dict keys and DDP wrapping stay as they are
     optimizer = torch.optim.Adam(model.parameters(), lr=job.train.lr)
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
     resume_dir = None
     if checkpoint is not None:
         resume_dir = checkpoint.to_directory()
@@ -354,7 +395,6 @@ def train_loop_per_worker(config: dict) -> None:
         # the checkpoint being registered and its metrics being logged; log them from the checkpoint.
         logger.log_if_missing(resume_dir)
     monitor = _system_metrics(config) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     test_shard = ray.train.get_dataset_shard("test")
     selection = EarlyStopping(job.train.early_stop_patience, _previous_metrics(resume_dir))
@@ -363,8 +403,7 @@ def train_loop_per_worker(config: dict) -> None:
             stats = train_epoch(
                 model,
                 optimizer,
-                _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch,
-                               job.train.prefetch_batches, job.train.pin_memory),
+                first_epoch if epoch == 0 and first_epoch is not None else epoch_batches(epoch),
                 device,
                 max_steps=job.train.max_steps_per_epoch,
                 bf16=job.train.bf16,

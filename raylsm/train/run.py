@@ -38,7 +38,8 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     one while multi-node support is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), which a one-node cluster
     does not need: it is turned off for this process and the Ray processes it starts. ``RAY_AUTH_MODE``
     defaults to ``disabled`` for this loopback-only cluster (DESIGN §7: explicit, so behaviour doesn't flip
-    once ``~/.ray/auth_token`` exists); a user's setting wins.
+    once ``~/.ray/auth_token`` exists); a user's setting wins. So does ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``,
+    off by default here (no spot nodes on a loopback cluster).
 
     The dashboard runs (on loopback) because Ray Train's placement-group cleaner asks its state API
     whether the training controller is alive; ``RAY_API_SERVER_ADDRESS`` names it, since with several Ray
@@ -57,6 +58,9 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     import ray._private.ray_constants as ray_constants
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray Train's preemption watcher polls for spot-node preemption notices, which a one-node loopback
+    # cluster never gets; it is one more actor process to start before the first batch (a user's setting wins).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by the Ray processes started below
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, which may already have happened
     dashboard_port = _free_loopback_port()
@@ -226,11 +230,12 @@ def headline(metrics: dict) -> dict:
     return out
 
 
-def preflight(job: JobConfig, validated: bool = False) -> tuple:
+def preflight(job: JobConfig, validated: bool = False, check_tracking: bool = True) -> tuple:
     """Every check that needs no cluster, before Ray starts: data, splits, storage, GPUs, tracking store.
 
     ``validated``: the dataset was already validated by this process's caller (a tuning search checks it
-    once, not once per trial), so only its manifest is read.
+    once, not once per trial), so only its manifest is read. ``check_tracking=False``: the caller checks
+    the tracking store itself (:func:`run_training` does it while the local cluster starts).
     """
     from raylsm.data.contract import read_manifest
     from raylsm.train.tracking import check_store
@@ -247,8 +252,23 @@ def preflight(job: JobConfig, validated: bool = False) -> tuple:
         elif not os.environ.get("RAY_ADDRESS"):
             check_cpu_budget(job, local_cpus())  # the local cluster's size is known before it starts
     tracking_uri = job.mlflow.tracking_uri or default_tracking_uri()
-    check_store(tracking_uri)
+    if check_tracking:
+        check_store(tracking_uri)
     return manifest, plan, tracking_uri
+
+
+def start_ray_checking_store(tracking_uri: str) -> None:
+    """:func:`ensure_ray` while the tracking store is checked in a thread (opening a new SQL store creates
+    its tables: ~2 s, as long as a local cluster's start, which mostly waits on its processes).
+    An unreachable store is still reported before anything is trained or recorded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raylsm.train.tracking import check_store
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylsm-store-check") as pool:
+        store = pool.submit(check_store, tracking_uri)
+        ensure_ray()
+        store.result()  # TrackingError: one line naming --tracking-uri
 
 
 def _join_record(writer: RecordWriter, timeout: float = 300.0) -> None:
@@ -267,9 +287,9 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
     Every check runs before the MLflow run is opened, so a run that never started leaves nothing in
     MLflow. The run ends FINISHED, FAILED (training raised) or KILLED (Ctrl-C / the tuner stopped it).
     """
-    manifest, plan, tracking_uri = preflight(job, validated)
+    manifest, plan, tracking_uri = preflight(job, validated, check_tracking=False)
     vocab = Vocab.from_manifest(manifest)
-    ensure_ray()
+    start_ray_checking_store(tracking_uri)
     check_cpu_budget(job)
     check_cluster_gpus(job)
     run_name = job.name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
