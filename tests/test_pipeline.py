@@ -156,6 +156,27 @@ def test_unshuffled_batches_equal_single_process_reader_and_previous_pipeline(da
 
 
 @pytest.mark.ray
+def test_first_batch_fetched_ahead_leaves_the_batches_as_they_are(dataset, preserve_order):
+    """The worker starts its first epoch's stream before building the model (start-up): same batches, same order."""
+    from raylsm.data.pipeline import read_split
+    from raylsm.train.loop import _FirstFetched, _torch_batches, to_device
+
+    cpu = torch.device("cpu")
+    ds = read_split(dataset, "train", SPEC, 20)
+    ahead = _FirstFetched(_torch_batches(ds.iterator(), 16, cpu))
+    _assert_same_batches([{k: v.numpy() for k, v in to_device(b, cpu).items()} for b in ahead],
+                         list(iter_local_batches(dataset, "train", SPEC, batch_size=16)))
+    assert list(_FirstFetched(iter([]))) == []
+
+    def broken():
+        raise OSError("shard gone")
+        yield  # a generator
+
+    with pytest.raises(OSError, match="shard gone"):  # raised where the batches are consumed
+        list(_FirstFetched(broken()))
+
+
+@pytest.mark.ray
 def test_seeded_shuffle_covers_every_row_once_per_epoch_and_is_reproducible(dataset, preserve_order):
     from raylsm.data.pipeline import read_split
 
