@@ -92,6 +92,28 @@ def test_context_input_context_reads_only_engagement_and_gap():
         preset_config("lap", {"context": {"kind": "tcn", "input": "item"}})
 
 
+@pytest.mark.parametrize("backbone", ["twin", "lap"])
+def test_context_ffn_adds_a_nonlinear_reading_of_the_merged_context(backbone):
+    """``context.ffn``: [z_t ‖ FFN(z_t)] with z_t = [e_c ‖ cr_t] reaches the lifelong module (gradient, output)."""
+    model = small(backbone, context={"kind": "tcn", "merge": "context", "out_dim": 16, "ffn": 12})
+    assert model.context_ffn[0].in_features == 2 * SMALL["features"]["emb_dim"] + 16
+    assert model.context_ffn[0].out_features == 12 and model.context_ffn[2].out_features == 16
+    batch = make_batch(b=8, s=5, l=30, seed=4)
+    logits, _ = model(batch)
+    F.binary_cross_entropy_with_logits(logits, batch["label"]).backward()
+    assert model.context_ffn[0].weight.grad.abs().sum() > 0
+    assert model.context_encoder.layers[0].weight.grad.abs().sum() > 0  # the TCN still trains through both paths
+    model.eval()
+    before = model(batch)[0]
+    with torch.no_grad():
+        model.context_ffn[2].bias.add_(1.0)
+    assert not torch.allclose(model(batch)[0], before)
+    with pytest.raises(ConfigError, match="model.context.ffn=8: needs model.context.merge=context"):
+        preset_config("lap", {"context": {"kind": "tcn", "merge": "concat", "ffn": 8}})
+    with pytest.raises(ConfigError, match="model.context.ffn"):
+        preset_config("lap", {"context": {"kind": "tcn", "merge": "context", "ffn": -1}})
+
+
 def test_context_merge_needs_a_module_that_reads_context():
     for backbone in ("din", "sdim"):
         with pytest.raises(ConfigError, match="model.context.merge=context"):

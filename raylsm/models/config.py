@@ -214,6 +214,11 @@ class ContextConfig:
     # engagement is in it from the first step) plus the same noise.
     init: Literal["xavier", "dirac", "box"] = "xavier"
     init_noise: float = 0.1
+    # merge=context only: hidden size of a per-behaviour feed-forward layer over the merged context
+    # features z_t = [e_c ‖ cr_t], appended to them ([z_t ‖ FFN(z_t)]), so the lifelong module can read
+    # a non-linear function of a behaviour's own and its neighbours' context (MSA/FSA score linearly
+    # in what they are given). 0 = off (the paper: cr_t enters as it is).
+    ffn: int = 0
 
     def validate(self) -> None:
         if self.merge not in ("replace", "concat", "context"):
@@ -222,6 +227,11 @@ class ContextConfig:
             raise ConfigError(f"model.context.input: must be all or context, got {self.input!r}")
         if self.init not in ("xavier", "dirac", "box"):
             raise ConfigError(f"model.context.init: must be xavier, dirac or box, got {self.init!r}")
+        if self.ffn < 0:
+            raise ConfigError(f"model.context.ffn: must be >= 0 (0 = off), got {self.ffn}")
+        if self.ffn and self.merge != "context":
+            raise ConfigError(f"model.context.ffn={self.ffn}: needs model.context.merge=context (it reads the merged "
+                              f"context features), got merge={self.merge}")
         if self.init_noise < 0:
             raise ConfigError(f"model.context.init_noise: must be >= 0, got {self.init_noise}")
         if self.activation not in ("relu", "none"):

@@ -8,7 +8,8 @@ P profile fields. The forward pass reads like LCN Fig. 2 / CAIN Fig. 2:
 3. optional context encoder (CAIN §4.1–4.3: TCN / MSIA / PEG) whose output
    ``cr_t`` replaces the behaviour representation ``lhe_t`` (CAIN eq. 6; ``context.merge =
    replace``), is appended to it (``concat``: ``[lhe_t ‖ cr_t]``) or to the behaviour's context
-   features (``context``: ``[e_c ‖ cr_t]``, read where the lifelong module reads context);
+   features (``context``: ``[e_c ‖ cr_t]``, read where the lifelong module reads context;
+   ``context.ffn`` > 0 appends a per-behaviour feed-forward of them, ``[z_t ‖ FFN(z_t)]``);
 4. lifelong interest from the registry module (``din`` ... ``lap``);
 5. MLP head over ``[candidate ‖ profile ‖ short-term ‖ lifelong (‖ MSIA aux)]`` -> logits (B,).
 
@@ -54,6 +55,11 @@ class CTRModel(nn.Module):
             merge, c = cfg.context.merge, self.context_encoder.out_dim
             seq_dim = {"replace": c, "concat": f.behaviour_dim + c, "context": f.behaviour_dim}[merge]
             ctx_dim += c if merge == "context" else 0
+        self.context_ffn = None
+        if self.context_encoder is not None and cfg.context.ffn:
+            c = self.context_encoder.out_dim  # z_t = [e_c ‖ cr_t] -> [z_t ‖ FFN(z_t)]
+            self.context_ffn = nn.Sequential(nn.Linear(ctx_dim, cfg.context.ffn), nn.ReLU(), nn.Linear(cfg.context.ffn, c))
+            ctx_dim += c
         self.lifelong = build_lifelong(cfg, query_dim=f.behaviour_dim, seq_dim=seq_dim, ctx_dim=ctx_dim)
         self.crp = build_crp(cfg)
         aux_dim = self.context_encoder.aux_dim if self.context_encoder is not None else 0
@@ -106,6 +112,8 @@ class CTRModel(nn.Module):
                 seq = torch.cat([ll, cr], dim=-1)  # (B, L, 2D + C)
             else:
                 ll_ctx = torch.cat([ctx, cr], dim=-1)  # (B, L, 2D + C)
+                if self.context_ffn is not None:  # [z_t ‖ FFN(z_t)], z_t = [e_c ‖ cr_t]
+                    ll_ctx = torch.cat([ll_ctx, self.context_ffn(ll_ctx)], dim=-1)  # (B, L, 2D + 2C)
         # 4. Lifelong interest.
         parts.append(self.lifelong(cand, seq, ll_ctx, ll_mask))
         if self.context_encoder is not None and self.context_encoder.aux_dim:
