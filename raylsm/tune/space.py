@@ -270,15 +270,15 @@ def load_space(path: str | Path, searcher: str | None = None, overrides: list[st
     # A bad --set is the user's flag, not a key of the space file. They are checked together (so
     # `--set model.lap.k1=8 --set model.lap.k2=4` is valid in either order); when they fail, the first
     # flag whose prefix of the list fails is named.
+    overrides = list(overrides or [])
     try:
-        resolve_job(preset=preset, config_file=config, overrides=list(overrides or []))
-    except ConfigError as whole:
-        for i, override in enumerate(overrides or []):
+        resolve_job(preset=preset, config_file=config, overrides=overrides)
+    except ConfigError:
+        for i, override in enumerate(overrides):  # the whole list is its last prefix: one of them raises
             try:
                 resolve_job(preset=preset, config_file=config, overrides=list(overrides[: i + 1]))
             except ConfigError as e:
                 raise ConfigError(f"--set {override}: {e}") from None
-        raise ConfigError(f"--set: {whole}") from None
     for key in f.fixed:
         _check_key(space, key, f.fixed[key], "fixed", overrides)
     for key, d in dists.items():
