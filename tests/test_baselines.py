@@ -375,3 +375,24 @@ def test_forward_on_meta_creates_no_cpu_tensor(name, query_dim):
         out = m(query, seq, ctx, mask)
     assert out.device.type == "meta" and out.shape == (4, m.out_dim)
     assert mode.offenders == []
+
+
+@pytest.mark.parametrize("name", ["sim_soft", "eta"])
+def test_esu_query_bias_adds_a_candidate_independent_score(name):
+    """``esu_query_bias``: scores = (W^Q q + b^Q)·K / √d, so a behaviour's context alone can raise its weight
+    for every candidate; with b^Q = 0 the module is the bias-free ESU, and the bias gets a gradient."""
+    torch.manual_seed(0)
+    plain, biased = build(name, k=10), build(name, k=10, esu_query_bias=True)
+    assert plain.esu.w_q.bias is None and biased.esu.w_q.bias is not None
+    biased.load_state_dict({**plain.state_dict(), "esu.w_q.bias": torch.zeros(biased.esu.w_q.bias.shape)})
+    query, seq, ctx, mask = random_inputs(lengths=[10, 5, 1, 0])
+    torch.testing.assert_close(biased(query, seq, ctx, mask), plain(query, seq, ctx, mask))  # b^Q = 0: same module
+    with torch.no_grad():
+        biased.esu.w_q.bias.normal_()
+    kv = torch.cat([seq, ctx], -1)
+    s = biased.esu.scores(biased.query_proj(query), kv)  # (B, H, L)
+    s_zero_query = biased.esu.scores(torch.zeros_like(query), kv)  # the candidate-independent part
+    assert s_zero_query.abs().amax() > 0
+    torch.testing.assert_close(s - s_zero_query, plain.esu.scores(plain.query_proj(query), kv))
+    biased(query, seq, ctx, mask).sum().backward()
+    assert biased.esu.w_q.bias.grad.abs().sum() > 0

@@ -67,6 +67,10 @@ class SimConfig:
     heads: int = 4
     att_dim: int = 64  # per-head size d of the ESU (as model.lap.att_dim)
     esu_ctx: bool = True  # ESU keys/values = [seq ‖ ctx] (SIM's time-interval side info); False = seq only
+    # ESU query W^Q q + b^Q: the bias gives every head a candidate-independent score term b^Q·W^K x_j, so a
+    # behaviour's own features (its context, e.g. a context encoder's cr_j) can raise its weight for every
+    # candidate, as TWIN's cross part does. False = W^Q q (no bias).
+    esu_query_bias: bool = False
 
     def validate(self) -> None:
         if min(self.k, self.heads, self.att_dim) < 1:
@@ -83,6 +87,7 @@ class EtaConfig:
     n_bits: int = 64
     att_dim: int = 64  # per-head size d of the ESU
     esu_ctx: bool = True  # ESU keys/values = [seq ‖ ctx]; False = seq only
+    esu_query_bias: bool = False  # ESU query W^Q q + b^Q (see SimConfig)
     seed: int = 0  # seed of the fixed random hyperplanes (a buffer, not trained)
 
     def validate(self) -> None:

@@ -94,14 +94,14 @@ class MLP(nn.Sequential):
 class MultiHeadTargetAttention(nn.Module):
     """Candidate-as-query multi-head attention over a (masked) sequence.
 
-    ``Q_h = W^Q_h q``, ``K_h = W^K_h x``, ``V_h = W^V_h x``;
+    ``Q_h = W^Q_h q (+ b^Q_h with query_bias)``, ``K_h = W^K_h x``, ``V_h = W^V_h x``;
     ``out = concat_h softmax_valid(Q_h K_h^T / sqrt(d) + bias_h) V_h``.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, heads: int, att_dim: int):
+    def __init__(self, query_dim: int, key_dim: int, heads: int, att_dim: int, query_bias: bool = False):
         super().__init__()
         self.heads, self.att_dim = heads, att_dim
-        self.w_q = nn.Linear(query_dim, heads * att_dim, bias=False)
+        self.w_q = nn.Linear(query_dim, heads * att_dim, bias=query_bias)
         self.w_k = nn.Linear(key_dim, heads * att_dim, bias=False)
         self.w_v = nn.Linear(key_dim, heads * att_dim, bias=False)
         self.out_dim = heads * att_dim

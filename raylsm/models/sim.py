@@ -28,6 +28,9 @@ Design choices:
   concatenates the behaviour with its time-interval embedding; our context
   ``e^c = [e_ctx ‖ e_gap]`` is that side information. ``esu_ctx = False`` uses
   ``e_j`` only. The GSU ranks by the behaviour alone, as in both papers.
+* ``esu_query_bias`` (default off: the papers' ``W^Q q``): ``W^Q q + b^Q``, a candidate-independent
+  score term ``b^Q·W^K [e_j ‖ e^c_j]`` per head, through which a behaviour's context can raise its
+  weight for every candidate (what TWIN's cross part does by construction).
 * Padding is never selected nor attended; a row with fewer than K real
   behaviours keeps fewer valid slots; an all-padding row gives zeros.
   With K >= L the output equals the ESU over every valid behaviour.
@@ -50,7 +53,7 @@ class SIMSoft(nn.Module):
         self.k, self.esu_ctx = cfg.k, cfg.esu_ctx
         self.query_proj = nn.Identity() if query_dim == seq_dim else nn.Linear(query_dim, seq_dim, bias=False)
         kv_dim = seq_dim + ctx_dim if cfg.esu_ctx else seq_dim
-        self.esu = MultiHeadTargetAttention(seq_dim, kv_dim, cfg.heads, cfg.att_dim)
+        self.esu = MultiHeadTargetAttention(seq_dim, kv_dim, cfg.heads, cfg.att_dim, query_bias=cfg.esu_query_bias)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
