@@ -66,6 +66,11 @@ Effect switches and the mechanism each one rewards (all on by default):
   1/2) says whether it is real or decoy. Rewards a context encoder (CAIN's TCN: neighbours'
   engagement) and context-aware attention (MSA/FSA, TWIN's cross features). Off: each session is
   engaged with probability ``p_real`` regardless of its kind, so ctx carries no information.
+  Where it pays most: ``--domains single`` (CAIN's setting) with ``--ctx-noise 1``. There the
+  candidate and the lifelong behaviours share one id space, so retrieving the behaviours of the
+  candidate's interest is exact and what is left to tell is real vs decoy: the engagement of the
+  neighbours. In ``cross`` mode retrieval first needs the learned bridge, and the context effect
+  shows far less (README, "What holds the effects back", item 12).
 * Frequency gap (``--p-real``, ``--p-decoy``): the share of real (liked) and decoy sessions. With
   the defaults (0.4 / 0.4 over 2 current and 2 decoy interests) each decoy interest fills more of
   the lifelong sequence than each liked one, so counting matching behaviours alone (DIN) is misled;
