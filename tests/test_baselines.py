@@ -283,6 +283,18 @@ def test_sdim_vectorised_hashes_match_per_hash_loop():
         torch.testing.assert_close(u[:, h], ref)
 
 
+@pytest.mark.parametrize("n_bits", [1, 3, 8, 40])
+def test_sdim_bucket_ids_collide_exactly_when_every_bit_does(n_bits):
+    torch.manual_seed(n_bits)
+    m = SDIM(SdimConfig(n_hashes=5, n_bits=n_bits), 4, 4, 1)
+    x = torch.randn(200, 4).round().requires_grad_()  # rounding makes equal signatures (and near-ties) common
+    ids, bits = m.bucket(x), m.signature(x)  # (N, m), (N, m, n)
+    same_ids = ids.unsqueeze(0) == ids.unsqueeze(1)  # (N, N, m)
+    same_bits = (bits.unsqueeze(0) == bits.unsqueeze(1)).all(-1)  # (N, N, m)
+    assert torch.equal(same_ids, same_bits) and same_bits.any() and not same_bits.all()
+    assert ids.dtype == (torch.int32 if n_bits <= 31 else torch.int64) and not ids.requires_grad
+
+
 # ---------------------------------------------------------------- TWIN
 
 

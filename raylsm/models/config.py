@@ -114,6 +114,8 @@ class SdimConfig:
             raise ConfigError(
                 f"model.sdim.n_hashes/n_bits: must be >= 1, got n_hashes={self.n_hashes}, n_bits={self.n_bits}"
             )
+        if self.n_bits > 62:
+            raise ConfigError(f"model.sdim.n_bits: at most 62 (one integer bucket id per hash), got {self.n_bits}")
 
 
 @dataclass

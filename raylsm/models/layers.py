@@ -65,8 +65,12 @@ def topk_valid(scores: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def gather_seq(x: Tensor, idx: Tensor) -> Tensor:
     """Gather rows of ``x (B, L, D)`` at ``idx (B, K)`` -> ``(B, K, D)``."""
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (B, 1)
-    return x[rows, idx]  # (B, K, D); advanced indexing is faster than gather with an expanded index
+    b, l, d = x.shape
+    flat = (idx + torch.arange(b, device=x.device).unsqueeze(1) * l).reshape(-1)  # row b, position j -> b*L + j
+    # index_select on the (B*L, D) view: its backward is one index_add, 2-3x cheaper on the CPU (B 256, L 300,
+    # K 200, D 64: 9 vs 19-27 ms forward + backward) than advanced indexing x[rows, idx] (a sorting index_put)
+    # or gather with an expanded index. Same values and gradients.
+    return x.reshape(b * l, d).index_select(0, flat).view(b, idx.shape[1], d)  # (B, K, D)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -63,10 +63,24 @@ class SDIM(nn.Module):
         bits = (x @ self.hyperplanes.to(x.dtype)) > 0  # (..., m*n)
         return bits.unflatten(-1, (self.n_hashes, self.n_bits))  # (..., m, n)
 
+    def bucket(self, x: Tensor) -> Tensor:
+        """Each hash's signature as one integer bucket id ``Σ_k 2^k sig_h(x)_k``: (..., Ds) -> (..., m) int.
+
+        Two signatures are equal exactly when their bucket ids are: comparing one id per hash replaces
+        comparing ``n`` bits and reducing over them (the reduction over a tiny last axis was SDIM's
+        costliest op on the CPU). Computed without autograd: the bits carry no gradient.
+        """
+        with torch.no_grad():
+            bits = self.signature(x).to(torch.int32 if self.n_bits <= 31 else torch.int64)  # (..., m, n)
+            ids = bits[..., 0].clone()
+            for k in range(1, self.n_bits):  # n is a small constant (the signature length), not the batch or sequence
+                ids.add_(bits[..., k], alpha=1 << k)
+        return ids  # (..., m)
+
     def collisions(self, query: Tensor, seq: Tensor, mask: Tensor) -> Tensor:
         """``c_jh``: behaviour j has hash h's signature equal to the candidate's, and is real: (B, L, m) bool."""
         q = query if self.query_proj is None else query @ self.query_proj.to(query.dtype)  # q̃  (B, Ds)
-        same = (self.signature(seq) == self.signature(q).unsqueeze(1)).all(-1)  # (B, L, m)
+        same = self.bucket(seq) == self.bucket(q).unsqueeze(1)  # sig_h(e_j) = sig_h(q̃)  (B, L, m)
         return same & mask.unsqueeze(-1)
 
     def hash_interests(self, query: Tensor, seq: Tensor, mask: Tensor) -> Tensor:
