@@ -71,11 +71,17 @@ class SimConfig:
     # behaviour's own features (its context, e.g. a context encoder's cr_j) can raise its weight for every
     # candidate, as TWIN's cross part does. False = W^Q q (no bias).
     esu_query_bias: bool = False
+    # Initial b^Q ~ N(0, std²) per unit (with esu_query_bias). 0 = zeros, the usual bias init; but the score term
+    # b^Q·W^K x_j is a product of two factors, so from b^Q = 0 neither factor's gradient says which context to
+    # favour and a context encoder behind it gets no candidate-independent signal (measured: README "Model readings").
+    esu_query_bias_std: float = 0.0
 
     def validate(self) -> None:
         if min(self.k, self.heads, self.att_dim) < 1:
             got = f"k={self.k}, heads={self.heads}, att_dim={self.att_dim}"
             raise ConfigError(f"model.sim_soft.k/heads/att_dim: must be >= 1, got {got}")
+        if not self.esu_query_bias_std >= 0:
+            raise ConfigError(f"model.sim_soft.esu_query_bias_std: must be >= 0, got {self.esu_query_bias_std}")
 
 
 @dataclass
@@ -88,6 +94,7 @@ class EtaConfig:
     att_dim: int = 64  # per-head size d of the ESU
     esu_ctx: bool = True  # ESU keys/values = [seq ‖ ctx]; False = seq only
     esu_query_bias: bool = False  # ESU query W^Q q + b^Q (see SimConfig)
+    esu_query_bias_std: float = 0.0  # initial b^Q ~ N(0, std²); 0 = zeros (see SimConfig)
     seed: int = 0  # seed of the fixed random hyperplanes (a buffer, not trained)
 
     def validate(self) -> None:
@@ -96,6 +103,8 @@ class EtaConfig:
             raise ConfigError(f"model.eta.k/heads/att_dim: must be >= 1, got {got}")
         if self.n_bits < 1:
             raise ConfigError(f"model.eta.n_bits: must be >= 1, got {self.n_bits}")
+        if not self.esu_query_bias_std >= 0:
+            raise ConfigError(f"model.eta.esu_query_bias_std: must be >= 0, got {self.esu_query_bias_std}")
 
 
 @dataclass

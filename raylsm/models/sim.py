@@ -30,7 +30,10 @@ Design choices:
   ``e_j`` only. The GSU ranks by the behaviour alone, as in both papers.
 * ``esu_query_bias`` (default off: the papers' ``W^Q q``): ``W^Q q + b^Q``, a candidate-independent
   score term ``b^Q·W^K [e_j ‖ e^c_j]`` per head, through which a behaviour's context can raise its
-  weight for every candidate (what TWIN's cross part does by construction).
+  weight for every candidate (what TWIN's cross part does by construction). ``esu_query_bias_std``
+  starts ``b^Q ~ N(0, std²)``: the term is a product, so from ``b^Q = 0`` (std 0, a plain bias init)
+  it is a saddle that training did not leave in two epochs, and a context encoder feeding ``e^c``
+  got no candidate-independent gradient (README "Model readings": the measured effect).
 * Padding is never selected nor attended; a row with fewer than K real
   behaviours keeps fewer valid slots; an all-padding row gives zeros.
   With K >= L the output equals the ESU over every valid behaviour.
@@ -59,6 +62,8 @@ class SIMSoft(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if cfg.esu_query_bias and cfg.esu_query_bias_std > 0:
+            nn.init.normal_(self.esu.w_q.bias, 0.0, cfg.esu_query_bias_std)  # b^Q ~ N(0, std²): off the saddle at 0
         self.out_dim = self.esu.out_dim
 
     def retrieve(self, q: Tensor, seq: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
