@@ -412,15 +412,17 @@ def test_esu_query_bias_adds_a_candidate_independent_score(name):
 
 @pytest.mark.parametrize("name", ["sim_soft", "eta"])
 def test_esu_query_bias_std_starts_the_bias_off_zero(name):
-    """``esu_query_bias_std``: b^Q starts ~ N(0, std²) (0: zeros); seeded like every other init; negative is refused."""
+    """``esu_query_bias_std``: b^Q starts ~ N(0, std²) (0: zeros; default 1); seeded like every other init; negative is refused."""
     torch.manual_seed(0)
-    assert torch.equal(build(name, esu_query_bias=True).esu.w_q.bias, torch.zeros(2 * 4))
+    assert torch.equal(build(name, esu_query_bias=True, esu_query_bias_std=0.0).esu.w_q.bias, torch.zeros(2 * 4))
     torch.manual_seed(0)
     a = build(name, esu_query_bias=True, esu_query_bias_std=2.0, heads=4, att_dim=256).esu.w_q.bias
     torch.manual_seed(0)
     b = build(name, esu_query_bias=True, esu_query_bias_std=2.0, heads=4, att_dim=256).esu.w_q.bias
     assert torch.equal(a, b) and abs(a.std().item() - 2.0) < 0.15 and abs(a.mean().item()) < 0.15
     assert build(name, esu_query_bias_std=2.0).esu.w_q.bias is None  # no bias: the std has nothing to start
+    torch.manual_seed(0)
+    assert build(name, esu_query_bias=True).esu.w_q.bias.abs().sum() > 0  # the default starts off zero
     cfg = small_cfg(name, 3)
     cfg.esu_query_bias_std = -1.0
     with pytest.raises(ConfigError, match=f"model.{name}.esu_query_bias_std: must be >= 0"):

@@ -73,8 +73,9 @@ class SimConfig:
     esu_query_bias: bool = False
     # Initial b^Q ~ N(0, std²) per unit (with esu_query_bias). 0 = zeros, the usual bias init; but the score term
     # b^Q·W^K x_j is a product of two factors, so from b^Q = 0 neither factor's gradient says which context to
-    # favour and a context encoder behind it gets no candidate-independent signal (measured: README "Model readings").
-    esu_query_bias_std: float = 0.0
+    # favour and a context encoder behind it gets no candidate-independent signal. Measured (README "Model
+    # readings"): with a TCN, std 1 beats std 0 by +0.028 AUC (3 seeds); without one, no difference.
+    esu_query_bias_std: float = 1.0
 
     def validate(self) -> None:
         if min(self.k, self.heads, self.att_dim) < 1:
@@ -94,7 +95,7 @@ class EtaConfig:
     att_dim: int = 64  # per-head size d of the ESU
     esu_ctx: bool = True  # ESU keys/values = [seq ‖ ctx]; False = seq only
     esu_query_bias: bool = False  # ESU query W^Q q + b^Q (see SimConfig)
-    esu_query_bias_std: float = 0.0  # initial b^Q ~ N(0, std²); 0 = zeros (see SimConfig)
+    esu_query_bias_std: float = 1.0  # initial b^Q ~ N(0, std²); 0 = zeros (see SimConfig)
     seed: int = 0  # seed of the fixed random hyperplanes (a buffer, not trained)
 
     def validate(self) -> None:

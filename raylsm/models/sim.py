@@ -31,9 +31,10 @@ Design choices:
 * ``esu_query_bias`` (default off: the papers' ``W^Q q``): ``W^Q q + b^Q``, a candidate-independent
   score term ``b^Q·W^K [e_j ‖ e^c_j]`` per head, through which a behaviour's context can raise its
   weight for every candidate (what TWIN's cross part does by construction). ``esu_query_bias_std``
-  starts ``b^Q ~ N(0, std²)``: the term is a product, so from ``b^Q = 0`` (std 0, a plain bias init)
-  it is a saddle that training did not leave in two epochs, and a context encoder feeding ``e^c``
-  got no candidate-independent gradient (README "Model readings": the measured effect).
+  (default 1) starts ``b^Q ~ N(0, std²)``: the term is a product, so from ``b^Q = 0`` (std 0, a plain
+  bias init) it is a saddle that training did not leave in two epochs, and a context encoder feeding
+  ``e^c`` got no candidate-independent gradient; off it, ``sim_soft`` + TCN gains +0.027 AUC over
+  ``sim_soft`` (README "What holds the effects back", item 13).
 * Padding is never selected nor attended; a row with fewer than K real
   behaviours keeps fewer valid slots; an all-padding row gives zeros.
   With K >= L the output equals the ESU over every valid behaviour.
