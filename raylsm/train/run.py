@@ -51,11 +51,18 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    import ray._private.ray_constants as ray_constants
+
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        if _is_loopback_address(address):
+            # A cluster on this host's loopback (`ray start --node-ip-address 127.0.0.1`, or another raylsm):
+            # keep this driver's node address 127.0.0.1 too, or Ray swaps in the external one and the driver
+            # waits on a GCS address nothing listens on.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO)
         return
-    import ray._private.ray_constants as ray_constants
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray Train's preemption watcher polls for spot-node preemption notices, which a one-node loopback
@@ -80,6 +87,20 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
         logging_level=logging.WARNING if quiet else logging.INFO,
         log_to_driver=not quiet,
     )
+
+
+def _is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``[v6]:port``, ``ray://host:port``) names a loopback host."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "auto", a host name: not known to be loopback
 
 
 def _free_loopback_port() -> int:
