@@ -84,7 +84,8 @@ def test_ingest_counts_every_row_and_scales_against_the_one_process_reader(capsy
     assert one > 0 and set(out["ray_rows_per_s"]) == {"1", "2"}
     for n, rate in out["ray_rows_per_s"].items():
         assert rate > 0
-        assert out["scaling"][n] == pytest.approx(rate / (int(n) * one), rel=1e-2)
+        # scaling is reported to 3 decimals: allow that rounding (it exceeds 1 % when a tiny run scales badly)
+        assert out["scaling"][n] == pytest.approx(rate / (int(n) * one), rel=1e-2, abs=5e-4)
     assert out["ratio"] == out["scaling"]["2"]
 
 

@@ -51,16 +51,12 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    import ray._private.ray_constants as ray_constants
-
     address = os.environ.get("RAY_ADDRESS")
     if address:
         if _is_loopback_address(address):
             # A cluster on this host's loopback (`ray start --node-ip-address 127.0.0.1`, or another raylsm):
-            # keep this driver's node address 127.0.0.1 too, or Ray swaps in the external one and the driver
-            # waits on a GCS address nothing listens on.
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-            ray_constants.ENABLE_RAY_CLUSTER = False
+            # this driver's node address must stay 127.0.0.1 too, or it waits on a GCS address nothing serves.
+            _keep_loopback_node_address()
         ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO)
         return
 
@@ -68,8 +64,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     # Ray Train's preemption watcher polls for spot-node preemption notices, which a one-node loopback
     # cluster never gets; it is one more actor process to start before the first batch (a user's setting wins).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by the Ray processes started below
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, which may already have happened
+    _keep_loopback_node_address()  # the env var is inherited by the Ray processes started below
     dashboard_port = _free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
     if quiet:
@@ -87,6 +82,14 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
         logging_level=logging.WARNING if quiet else logging.INFO,
         log_to_driver=not quiet,
     )
+
+
+def _keep_loopback_node_address() -> None:
+    """Stop Ray swapping a 127.0.0.1 node address for the host's external one (multi-node support off)."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, which may already have happened
 
 
 def _is_loopback_address(address: str) -> bool:
