@@ -136,7 +136,9 @@ def time_train_steps(net, batch: dict | list[dict], device, steps: int, bf16: bo
 
     from raylsm.train.loop import train_epoch
 
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    from raylsm.train.loop import build_optimizer
+
+    opt = build_optimizer(net, lr)
     times: list[float] = []
     last = [0.0]
 

@@ -5,6 +5,8 @@
   explicit samples; inside the model; and at most half the aten calls.
 * PEG ``filters=depthwise`` (CAIN eqs. 10–12 with a depthwise-separable personal filter): shapes,
   parameter counts, init scale, eq. 12 equal to a per-user loop with the effective filter.
+* Embedding backward by ``index_add`` and fused Adam: the same gradients and steps as
+  ``nn.Embedding`` and the default Adam loop.
 * Autocast: each embedding sequence is cast to bf16 once in the forward and its gradient once in
   the backward (the TCN keeps bf16 between layers); fp32 runs cast no activation.
 
@@ -19,10 +21,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raylsm.config import ConfigError
-from raylsm.models import build_model, preset_config
+from raylsm.models import build_model, layers, preset_config
 from raylsm.models.cain import ContextEncoder, FilterGenerator, TCNLayer, window_padding
 from raylsm.models.config import CRPConfig, PEGConfig
 from raylsm.models.crp import CRP, PairSample
+from raylsm.models.layers import embed
+from raylsm.train.loop import build_optimizer
 from tests.conftest import SMALL_VOCAB, make_batch
 
 TYPES = ("pt", "ps", "pc")
@@ -331,3 +335,71 @@ def test_tcn_keeps_the_autocast_dtype_between_layers():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, _ = layer(x.bfloat16(), torch.ones(3, 11, dtype=torch.bool), torch.randn(3, P))
         assert y.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- embedding backward, fused Adam
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_index_add_embedding_equals_nn_embedding_with_padding(id_dtype):
+    """Forward values and table gradients of ``embed`` equal ``nn.Embedding(padding_idx=0)``'s.
+
+    The gradient arrives strided, as the half of ``[e_item ‖ e_cate]`` does; ids repeat and include padding.
+    """
+    torch.manual_seed(0)
+    ref = torch.nn.Embedding(13, 4, padding_idx=0)
+    ours = torch.nn.Embedding(13, 4, padding_idx=0)
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 13, (5, 17)).to(id_dtype)
+    ids[0, :3] = 0
+    upstream = torch.randn(5, 17, 8)
+    out_ref, out = ref(ids.long()), embed(ours, ids)
+    assert torch.equal(out, out_ref)
+    (torch.cat([out_ref, out_ref * 2], -1) * upstream).sum().backward()
+    (torch.cat([out, out * 2], -1) * upstream).sum().backward()
+    assert torch.allclose(ours.weight.grad, ref.weight.grad, atol=1e-5)
+    assert ours.weight.grad[0].abs().sum() == 0 and ref.weight.grad[1:].abs().sum() > 0
+    with torch.no_grad():  # no gradient wanted: the module's own lookup
+        assert torch.equal(embed(ours, ids), out_ref)
+
+
+@pytest.mark.parametrize("name", ["sim_soft", "twin", "lcn"])
+def test_model_gradients_with_the_index_add_embedding_equal_nn_embeddings(name, monkeypatch):
+    torch.manual_seed(0)
+    overrides = {"features": {"emb_dim": 4}, "crp": {"m": 16}, "lap": {"k1": 8, "k2": 4, "att_dim": 4, "heads": 2, "ffn_dim": 8}}
+    model = build_model(preset_config(name, overrides), SMALL_VOCAB).train()
+    batch = make_batch(b=6, s=5, l=24, seed=2)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # CRP samples pairs
+        logits, aux = model(batch)
+        (F.binary_cross_entropy_with_logits(logits, batch["label"]) + sum(aux.values(), torch.zeros(()))).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    ours = grads()
+    monkeypatch.setattr(layers, "embed", lambda table, ids: table(ids))
+    ref = grads()
+    assert ours.keys() == ref.keys() and any(k.startswith("features.tables.item") for k in ours)
+    for k in ref:
+        assert torch.allclose(ours[k], ref[k], atol=1e-6), k
+
+
+def test_fused_adam_takes_the_same_steps_as_the_default_loop():
+    torch.manual_seed(0)
+    overrides = {"features": {"emb_dim": 4}, "sim_soft": {"k": 8}}
+    models = [build_model(preset_config("sim_soft", overrides), SMALL_VOCAB) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = {k: v.clone() for k, v in models[0].state_dict().items()}
+    opts = [build_optimizer(models[0], 0.01, fused=True), build_optimizer(models[1], 0.01, fused=False)]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    for step in range(3):
+        batch = make_batch(b=6, s=5, l=24, seed=step)
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            F.binary_cross_entropy_with_logits(m(batch)[0], batch["label"]).backward()
+            o.step()
+    a, b = models[0].state_dict(), models[1].state_dict()
+    assert a.keys() == b.keys() and not torch.equal(a["features.tables.item.weight"], start["features.tables.item.weight"])
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

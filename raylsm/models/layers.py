@@ -147,6 +147,40 @@ class DotTargetAttention(nn.Module):
         return torch.bmm(w.unsqueeze(1), seq).squeeze(1)  # (B, Dk)
 
 
+class _IndexAddEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, weight, padding_idx=0)`` whose backward is one ``index_add`` into a zeroed table.
+
+    On the CPU, ATen's dense embedding backward sorts the ids and accumulates row by row: 23 ms for
+    B 256 × L 300 ids into a 60 k × 32 table against 7 ms for ``index_add_`` (1 thread). Same values
+    and gradients (up to the order of float additions); the padding row's gradient is zero, as with
+    ``padding_idx=0``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.rows = weight.shape[0]
+        return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (ids,) = ctx.saved_tensors
+        d = grad.shape[-1]
+        # A contiguous source takes index_add's row-copy path; a strided one (the gradient of a half of
+        # [e_item ‖ e_cate] is) falls back to a scatter 2-3x slower than the copy made here.
+        grad_weight = grad.new_zeros(ctx.rows, d).index_add_(0, ids.reshape(-1), grad.reshape(-1, d).contiguous())
+        grad_weight[0] = 0  # padding_idx = 0
+        return grad_weight, None
+
+
+def embed(table: nn.Embedding, ids: Tensor) -> Tensor:
+    """``table(ids)``; on the CPU with gradients, through :class:`_IndexAddEmbedding` (same values, a cheaper backward)."""
+    w = table.weight
+    if w.device.type == "cpu" and w.requires_grad and torch.is_grad_enabled() and table.padding_idx == 0:
+        return _IndexAddEmbedding.apply(w, ids)
+    return table(ids)
+
+
 class FeatureLayer(nn.Module):
     """One embedding table per id space (item, cate, ctx, gap, each profile field, optionally user).
 
@@ -188,7 +222,7 @@ class FeatureLayer(nn.Module):
         if buckets is not None:
             hashed = torch.remainder(ids * self._GOLDEN, buckets - 1) + 1
             ids = torch.where(ids > 0, hashed, torch.zeros_like(ids))
-        return self.tables[name](ids)
+        return embed(self.tables[name], ids)
 
     def behaviour(self, items: Tensor, cates: Tensor) -> Tensor:
         """``[e_item ‖ e_cate]``: (..., 2D)."""
