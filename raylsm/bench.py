@@ -465,6 +465,9 @@ def add_bench_parsers(bench: argparse.ArgumentParser) -> None:
     common(p)
     data(p, 20_000, 500)
     p.add_argument("--model", default="lcn")
+    p.add_argument("--cluster", choices=("fresh", "running"), default="fresh",
+                   help="fresh: each run starts its own local cluster (timed); running: every run joins one local "
+                        "loopback cluster started before the first (untimed), as `ray start` would leave one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="job config override for the measured `raylsm train` (repeatable)")
     p.add_argument("--repeats", type=int, default=3)

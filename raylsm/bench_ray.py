@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -248,6 +250,38 @@ def bare_trainer_first_batch(mark: str, storage: str) -> None:
                  run_config=ray.train.RunConfig(storage_path=storage)).fit()
 
 
+def hold_local_cluster(num_cpus: float | None = None) -> None:
+    """Start a local cluster as ``raylsm train`` does, print its GCS address, keep it until stdin closes."""
+    import ray
+
+    from raylsm.train.run import ensure_ray
+
+    ensure_ray(num_cpus=num_cpus, quiet=True)
+    print(ray.get_runtime_context().gcs_address, flush=True)
+    sys.stdin.read()
+
+
+@contextlib.contextmanager
+def running_local_cluster(timeout: float):
+    """A local loopback cluster in a process of its own for the duration: yields its address."""
+    code = "from raylsm.bench_ray import hold_local_cluster; hold_local_cluster()"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        ready = select.select([proc.stdout], [], [], timeout)[0]
+        address = proc.stdout.readline().strip() if ready else ""
+        if not address:
+            raise RuntimeError(f"the local cluster for `--cluster running` did not start within {timeout:.0f} s")
+        log(f"local cluster running at {address}")
+        yield address
+    finally:
+        proc.stdin.close()  # the holder's driver exits and its local cluster stops with it
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict) -> float:
     """Seconds from starting ``cmd`` to the time it writes into ``mark``; the command then runs to its end."""
     start = time.time()
@@ -259,7 +293,6 @@ def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict) -> floa
 
 
 def run_startup(args: argparse.Namespace) -> dict:
-    from raylsm.train.loop import _FIRST_BATCH_FILE
 
     resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="raylsm-bench-") as tmp:
@@ -272,29 +305,43 @@ def run_startup(args: argparse.Namespace) -> dict:
         if args.device == "cuda":
             train_cmd.append("--gpu")
         ray_s, local_s, floor_s = [], [], []
-        for r in range(args.repeats):
-            mark = Path(tmp) / f"ray-{r}"
-            env = dict(os.environ, **{_FIRST_BATCH_FILE: str(mark)})
-            env.pop("RAY_ADDRESS", None)  # a fresh local cluster: its start-up is part of the figure
-            ray_s.append(_time_to_mark(train_cmd, mark, args.timeout, env))
-            mark = Path(tmp) / f"local-{r}"
-            code = (f"from raylsm.bench_ray import local_first_batch; "
-                    f"local_first_batch({data!r}, {args.model!r}, {json.dumps(sets)}, {str(mark)!r})")
-            local_s.append(_time_to_mark([sys.executable, "-c", code], mark, args.timeout, dict(os.environ)))
-            mark = Path(tmp) / f"floor-{r}"
-            code = (f"from raylsm.bench_ray import bare_trainer_first_batch; "
-                    f"bare_trainer_first_batch({str(mark)!r}, {tmp + '/floor-runs'!r})")
-            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-            floor_s.append(_time_to_mark([sys.executable, "-c", code], mark, args.timeout, env))
-            log(f"repeat {r + 1}/{args.repeats}: raylsm train first batch after {ray_s[-1]:.1f} s; in-process "
-                f"{local_s[-1]:.1f} s; bare TorchTrainer (Ray's floor) {floor_s[-1]:.1f} s")
-    return {
-        "bench": "startup", "device": args.device, "model": args.model,
-        "seconds_to_first_batch": round(median(ray_s), 2), "in_process_seconds": round(median(local_s), 2),
-        "ray_floor_seconds": round(median(floor_s), 2),
-        "ratio": round(median(ray_s) / median(local_s), 3), "ratio_is": "raylsm train (Ray) / in-process path",
-        "over_floor": round(median(ray_s) / median(floor_s), 3),
-        "repeats": {"ray": [round(x, 2) for x in ray_s], "in_process": [round(x, 2) for x in local_s],
-                    "ray_floor": [round(x, 2) for x in floor_s]},
-        "machine": machine(),
-    }
+        with contextlib.ExitStack() as stack:
+            # fresh: each `raylsm train` starts its own local cluster (its start-up is part of the figure);
+            # running: they all join one local cluster started (untimed) before the first repeat.
+            address = stack.enter_context(running_local_cluster(args.timeout)) if args.cluster == "running" else None
+            for r in range(args.repeats):
+                for figures, x in zip((ray_s, local_s, floor_s), _startup_repeat(args, train_cmd, data, sets, tmp, r, address)):
+                    figures.append(x)
+        return {
+            "bench": "startup", "device": args.device, "model": args.model, "cluster": args.cluster,
+            "seconds_to_first_batch": round(median(ray_s), 2), "in_process_seconds": round(median(local_s), 2),
+            "ray_floor_seconds": round(median(floor_s), 2),
+            "ratio": round(median(ray_s) / median(local_s), 3), "ratio_is": "raylsm train (Ray) / in-process path",
+            "over_floor": round(median(ray_s) / median(floor_s), 3),
+            "repeats": {"ray": [round(x, 2) for x in ray_s], "in_process": [round(x, 2) for x in local_s],
+                        "ray_floor": [round(x, 2) for x in floor_s]},
+            "machine": machine(),
+        }
+
+
+def _startup_repeat(args: argparse.Namespace, train_cmd: list[str], data: str, sets: list[str], tmp: str, r: int,
+                    address: str | None) -> tuple[float, float, float]:
+    """One repeat of ``bench startup``: `raylsm train`, the in-process path, a bare TorchTrainer (seconds each)."""
+    from raylsm.train.loop import _FIRST_BATCH_FILE
+
+    ray_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if address:
+        ray_env["RAY_ADDRESS"] = address
+    mark = Path(tmp) / f"ray-{r}"
+    ray_s = _time_to_mark(train_cmd, mark, args.timeout, dict(ray_env, **{_FIRST_BATCH_FILE: str(mark)}))
+    mark = Path(tmp) / f"local-{r}"
+    code = (f"from raylsm.bench_ray import local_first_batch; "
+            f"local_first_batch({data!r}, {args.model!r}, {json.dumps(sets)}, {str(mark)!r})")
+    local_s = _time_to_mark([sys.executable, "-c", code], mark, args.timeout, dict(os.environ))
+    mark = Path(tmp) / f"floor-{r}"
+    code = (f"from raylsm.bench_ray import bare_trainer_first_batch; "
+            f"bare_trainer_first_batch({str(mark)!r}, {tmp + '/floor-runs'!r})")
+    floor_s = _time_to_mark([sys.executable, "-c", code], mark, args.timeout, ray_env)
+    log(f"repeat {r + 1}/{args.repeats}: raylsm train first batch after {ray_s:.1f} s; in-process "
+        f"{local_s:.1f} s; bare TorchTrainer (Ray's floor) {floor_s:.1f} s")
+    return ray_s, local_s, floor_s

@@ -139,6 +139,25 @@ def test_din_raw_weighted_sum_over_recent_max_len():
     torch.testing.assert_close(m(query, older, ctx, mask), out)
 
 
+@pytest.mark.parametrize("query_dim, hidden", [(DS, [12, 6]), (12, [12, 6]), (DS, [])])
+def test_din_activation_unit_equals_the_mlp_over_the_concatenation(query_dim, hidden):
+    """The factorised first layer gives the scores and gradients of MLP([q, k, q − k, q ⊙ k]) (DIN §4.3)."""
+    torch.manual_seed(0)
+    m = DIN(DinConfig(max_len=200, hidden=hidden), query_dim, DS, DC)
+    query, seq, _, _ = random_inputs(query_dim=query_dim, lengths=[10, 5, 3, 0])
+    query.requires_grad_(True)
+    seq.requires_grad_(True)
+    q = m.query_proj(query).unsqueeze(1).expand_as(seq)
+    reference = m.unit(torch.cat([q, seq, q - seq, q * seq], dim=-1)).squeeze(-1)
+    ours = m.scores(query, seq)
+    torch.testing.assert_close(ours, reference)
+    upstream = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * upstream).sum(), [query, seq, *m.parameters()])
+    ref_grads = torch.autograd.grad((reference * upstream).sum(), [query, seq, *m.parameters()])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 def test_din_softmax_option_is_convex_combination():
     torch.manual_seed(0)
     m = build("din", softmax=True)

@@ -99,9 +99,13 @@ def test_train_ratio_is_ray_over_step_only(capsys, ray_local, tiny_data):
     assert 0 < out["ratio"] < 5
 
 
-def test_startup_times_the_first_batch_of_a_real_train_command(capsys, tiny_data):
+@pytest.mark.parametrize("cluster", ["fresh", "running"])
+def test_startup_times_the_first_batch_of_a_real_train_command(capsys, tiny_data, cluster):
+    """``running``: the runs join one local cluster started before them, whose workers do not inherit the
+    command's environment; the first-batch mark still reaches them (through the train loop's config)."""
     out = _run(capsys, "startup", "--data", tiny_data, "--ll-len", "30", "--st-len", "6", "--repeats", "1",
-               *TINY_JOB, "--no-mlflow")
+               "--cluster", cluster, *TINY_JOB, "--no-mlflow")
+    assert out["cluster"] == cluster
     assert out["seconds_to_first_batch"] > out["in_process_seconds"] > 0  # Ray's start-up is on top of the imports
     assert out["ratio"] == pytest.approx(out["seconds_to_first_batch"] / out["in_process_seconds"], rel=1e-2)
     # Ray's floor (a bare TorchTrainer on a fresh local cluster) is measured in the same run.

@@ -43,9 +43,24 @@ class DIN(nn.Module):
         self.out_dim = seq_dim
 
     def scores(self, query: Tensor, seq: Tensor) -> Tensor:
-        """Activation-unit score of every behaviour: (B, L)."""
-        q = self.query_proj(query).unsqueeze(1).expand_as(seq)  # (B, L, Ds)
-        return self.unit(torch.cat([q, seq, q - seq, q * seq], dim=-1)).squeeze(-1)  # (B, L)
+        """Activation-unit score of every behaviour: ``MLP([q, k, q − k, q ⊙ k])`` (B, L).
+
+        The first layer is computed without building the (B, L, 4·Ds) input: with its weight split by
+        columns into ``[W_q W_k W_d W_p]``,
+        ``W [q, k, q − k, q ⊙ k] + b = (W_q + W_d) q + b + (W_k − W_d + W_p diag(q)) k``,
+        one per-user (h1 × Ds) matrix applied to the behaviours by a batched matmul: a quarter of the
+        multiply-adds, forward and backward, and the same values (up to float rounding).
+        """
+        ds = seq.shape[-1]
+        first = self.unit[0]
+        w_q, w_k, w_d, w_p = first.weight.split(ds, dim=1)  # (h1, Ds) each
+        q = self.query_proj(query)  # (B, Ds)
+        per_user = (w_k - w_d).unsqueeze(0) + w_p.unsqueeze(0) * q.unsqueeze(1)  # (B, h1, Ds)
+        shared = torch.addmm(first.bias, q, (w_q + w_d).t())  # (B, h1)
+        h = torch.baddbmm(shared.unsqueeze(1), seq, per_user.transpose(1, 2))  # (B, L, h1)
+        for layer in list(self.unit)[1:]:  # the unit's other layers, as they are
+            h = layer(h)
+        return h.squeeze(-1)  # (B, L)
 
     def forward(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
         # Most recent max_len behaviours (left-padded: the last columns).

@@ -69,7 +69,8 @@ class SIMSoft(nn.Module):
 
     def retrieve(self, q: Tensor, seq: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """GSU: inner-product top-K. ``q (B, Ds)`` already projected -> ``idx (B, K') long, sel_mask (B, K') bool``."""
-        r = (seq * q.unsqueeze(1)).sum(-1)  # r_j = q̃ · e_j  (B, L)
+        with torch.no_grad():  # selection carries no gradient: no graph, and one matmul, not a (B, L, Ds) product
+            r = torch.bmm(seq, q.unsqueeze(-1)).squeeze(-1)  # r_j = q̃ · e_j  (B, L)
         return topk_valid(r, mask, self.k)
 
     def esu_input(self, seq: Tensor, ctx: Tensor) -> Tensor:

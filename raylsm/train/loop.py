@@ -288,7 +288,7 @@ def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
 
 
 def _torch_batches(shard, batch_size: int, device: torch.device, shuffle_buffer: int = 0, seed: int | None = None,
-                   prefetch: int = 2, pin_memory: bool = True) -> Iterator:
+                   prefetch: int = 2, pin_memory: bool = True, first_batch_file: str | None = None) -> Iterator:
     """Batches of a Ray Data shard as tensors on ``device``.
 
     Rows arrive collated and already shuffled by the read tasks (``raylsm.data.pipeline``), so
@@ -302,20 +302,23 @@ def _torch_batches(shard, batch_size: int, device: torch.device, shuffle_buffer:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
     batches = shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=False, prefetch_batches=prefetch,
                                        pin_memory=pin_memory and device.type == "cuda", **kwargs)
-    return _mark_first_batch(batches) if _FIRST_BATCH_FILE in os.environ else batches
+    return _mark_first_batch(batches, first_batch_file) if first_batch_file else batches
 
 
-_FIRST_BATCH_FILE = "RAYLSM_FIRST_BATCH_FILE"  # `raylsm bench startup`: where to note when the first batch arrives
+# `raylsm bench startup`: where to note when the first batch arrives. The driver reads it and passes it in
+# the train loop's config, so it reaches the workers on an already running cluster too (whose worker
+# processes do not inherit the driver's environment).
+_FIRST_BATCH_FILE = "RAYLSM_FIRST_BATCH_FILE"
 
 
-def _mark_first_batch(batches: Iterable) -> Iterator:
-    """Pass ``batches`` through; write the wall-clock time the first one arrived to $RAYLSM_FIRST_BATCH_FILE (once)."""
+def _mark_first_batch(batches: Iterable, path: str) -> Iterator:
+    """Pass ``batches`` through; write the wall-clock time the first one arrived to ``path`` (once)."""
     first = True
     for batch in batches:
         if first:
             first = False
             try:
-                fd = os.open(os.environ[_FIRST_BATCH_FILE], os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 pass
             else:
@@ -371,7 +374,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def epoch_batches(epoch: int):
         return _torch_batches(train_shard, job.train.batch_size, device, job.train.shuffle_buffer, job.train.seed + epoch,
-                              job.train.prefetch_batches, job.train.pin_memory)
+                              job.train.prefetch_batches, job.train.pin_memory, config.get("first_batch_file"))
 
     checkpoint = ray.train.get_checkpoint()
     # A fresh run starts its first epoch's stream now, so the data arrives while the model is built.

@@ -20,7 +20,7 @@ from raylsm.data.contract import list_shards, shards_gone, validate_dataset
 from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
 from raylsm.train.config import JobConfig, default_tracking_uri, job_to_dict
-from raylsm.train.loop import train_loop_per_worker
+from raylsm.train.loop import _FIRST_BATCH_FILE, train_loop_per_worker
 from raylsm.train.tracking import RecordWriter, end_run, finish_run, log_model, redact_uri, start_run
 
 DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (DESIGN §7)
@@ -228,6 +228,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": tracking_uri,
             "has_val": plan.val is not None,
+            "first_batch_file": os.environ.get(_FIRST_BATCH_FILE),  # `raylsm bench startup` only
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.train.workers, use_gpu=job.train.use_gpu, resources_per_worker=resources
