@@ -403,3 +403,37 @@ def test_fused_adam_takes_the_same_steps_as_the_default_loop():
     assert a.keys() == b.keys() and not torch.equal(a["features.tables.item.weight"], start["features.tables.item.weight"])
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("name", ["sim_soft", "eta", "twin"])
+def test_retrieval_models_embedding_the_retrieved_ids_equal_gathering_the_sequence(name, monkeypatch):
+    """SIM / ETA / TWIN read only their K retrieved behaviours with a gradient: embedding those ids afresh
+    gives the logits and every gradient of gathering rows of the full embedded sequence."""
+    torch.manual_seed(0)
+    overrides = {"features": {"emb_dim": 4}, name: {"k": 7}}
+    model = build_model(preset_config(name, overrides), SMALL_VOCAB).train()
+    batch = make_batch(b=6, s=5, l=24, seed=3)
+    calls = []
+    original = type(model)._embed_retrieved
+
+    def counted(self, *args):
+        calls.append(args[-1].shape)
+        return original(self, *args)
+
+    monkeypatch.setattr(type(model), "_embed_retrieved", counted)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(batch)
+        F.binary_cross_entropy_with_logits(logits, batch["label"]).backward()
+        return logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    logits, grads = run()
+    assert calls == [torch.Size([6, 7])]  # the re-embedding path ran, once, for the K retrieved
+    monkeypatch.setattr(type(model.lifelong), "reads_retrieved_only", False)
+    ref_logits, ref_grads = run()
+    assert len(calls) == 1  # the reference gathered rows of the sequence
+    torch.testing.assert_close(logits, ref_logits)
+    assert grads.keys() == ref_grads.keys() and "features.tables.gap.weight" in grads
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], msg=k)

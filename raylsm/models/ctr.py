@@ -20,6 +20,8 @@ loss (LCN eq. 14).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -71,6 +73,17 @@ class CTRModel(nn.Module):
                 nn.init.zeros_(m.bias)
         self.aux_weights: dict[str, float] = {"crp": cfg.crp.weight} if self.crp is not None else {}
 
+    def _embed_retrieved(self, batch: dict[str, Tensor], dtype: torch.dtype | None, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """``[e_item ‖ e_cate]`` and ``e_c`` of the lifelong behaviours at ``idx (B, K)``: (B, K, 2D) each."""
+        f = self.features
+
+        def take(name: str) -> Tensor:
+            return torch.gather(batch[name], 1, idx)
+
+        seq = f.behaviour(take("ll_items"), take("ll_cates"))
+        ctx = f.context(take("ll_ctx"), take("ll_gap"))
+        return (seq, ctx) if dtype is None else (seq.to(dtype), ctx.to(dtype))
+
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         f = self.features
         # 1. Embeddings.
@@ -78,12 +91,22 @@ class CTRModel(nn.Module):
         profile = f.profile(batch["profile"])  # (B, P*D)
         st_tgt = f.behaviour(batch["st_tgt_items"], batch["st_tgt_cates"])  # (B, S, 2D)
         st_src = f.behaviour(batch["st_src_items"], batch["st_src_cates"])  # (B, S, 2D)
-        ll = f.behaviour(batch["ll_items"], batch["ll_cates"])  # (B, L, 2D)
-        ctx = f.context(batch["ll_ctx"], batch["ll_gap"])  # (B, L, 2D)
         ll_mask = batch["ll_mask"]
+        lp = _autocast_dtype(ll_mask.device.type)
+        # A retrieval module that reads only its K retrieved behaviours with a gradient (SIM, ETA, TWIN) gets
+        # the lifelong sequence without one and embeds the retrieved ids afresh: same values and gradients,
+        # and the backward touches B·K rows instead of B·L (no (B, L, 2D) gradient, no gather backward).
+        gather = None
+        if self.context_encoder is None and getattr(self.lifelong, "reads_retrieved_only", False):
+            with torch.no_grad():
+                ll = f.behaviour(batch["ll_items"], batch["ll_cates"])  # (B, L, 2D)
+                ctx = f.context(batch["ll_ctx"], batch["ll_gap"])  # (B, L, 2D)
+            gather = functools.partial(self._embed_retrieved, batch, lp)
+        else:
+            ll = f.behaviour(batch["ll_items"], batch["ll_cates"])  # (B, L, 2D)
+            ctx = f.context(batch["ll_ctx"], batch["ll_gap"])  # (B, L, 2D)
         # Under autocast, cast the embeddings once here: autocast casts an fp32 activation again at
         # every matmul that reads it (the sequences 2-4 times each, forward and backward). No-op in fp32.
-        lp = _autocast_dtype(ll.device.type)
         st_tgt_att, st_src_att = st_tgt, st_src  # CRP keeps the fp32 embeddings (its cosines are not matmuls)
         if lp is not None:
             cand, profile, st_tgt_att, st_src_att, ll, ctx = (
@@ -115,7 +138,7 @@ class CTRModel(nn.Module):
                 if self.context_ffn is not None:  # [z_t ‖ FFN(z_t)], z_t = [e_c ‖ cr_t]
                     ll_ctx = torch.cat([ll_ctx, self.context_ffn(ll_ctx)], dim=-1)  # (B, L, 2D + 2C)
         # 4. Lifelong interest.
-        parts.append(self.lifelong(cand, seq, ll_ctx, ll_mask))
+        parts.append(self.lifelong(cand, seq, ll_ctx, ll_mask, gather) if gather else self.lifelong(cand, seq, ll_ctx, ll_mask))
         if self.context_encoder is not None and self.context_encoder.aux_dim:
             parts.append(aux_interest)
 

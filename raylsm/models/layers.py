@@ -18,6 +18,7 @@ Interface of a lifelong-interest module (registry in ``raylsm.models``)::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,21 @@ def gather_seq(x: Tensor, idx: Tensor) -> Tensor:
     # K 200, D 64: 9 vs 19-27 ms forward + backward) than advanced indexing x[rows, idx] (a sorting index_put)
     # or gather with an expanded index. Same values and gradients.
     return x.reshape(b * l, d).index_select(0, flat).view(b, idx.shape[1], d)  # (B, K, D)
+
+
+Gather = Callable[[Tensor], tuple[Tensor, Tensor]]  # idx (B, K) -> (behaviours (B, K, Ds), contexts (B, K, Dc))
+
+
+def gather_retrieved(seq: Tensor, ctx: Tensor, idx: Tensor, gather: Gather | None = None) -> tuple[Tensor, Tensor]:
+    """The retrieved behaviours and their contexts at ``idx (B, K)``.
+
+    ``gather`` (given by :class:`~raylsm.models.ctr.CTRModel` when the sequence is the raw embeddings)
+    embeds the K retrieved ids afresh: the same values as gathering rows of ``seq``/``ctx``, and the
+    gradient reaches the tables through B·K rows instead of through every (B, L) position.
+    """
+    if gather is not None:
+        return gather(idx)
+    return gather_seq(seq, idx), gather_seq(ctx, idx)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

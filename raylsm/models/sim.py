@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from raylsm.models.config import EtaConfig, SimConfig
-from raylsm.models.layers import MultiHeadTargetAttention, gather_seq, topk_valid
+from raylsm.models.layers import Gather, MultiHeadTargetAttention, gather_retrieved, topk_valid
 
 
 class SIMSoft(nn.Module):
@@ -77,12 +77,16 @@ class SIMSoft(nn.Module):
         """ESU keys/values: ``[seq ‖ ctx]`` (B, L, Ds+Dc), or ``seq`` when ``esu_ctx`` is off."""
         return torch.cat([seq, ctx], dim=-1) if self.esu_ctx else seq
 
-    def forward(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
+    # Only the K retrieved behaviours carry a gradient: the model may pass the sequence without one and a
+    # ``gather`` that embeds the retrieved ids (see :func:`~raylsm.models.layers.gather_retrieved`).
+    reads_retrieved_only = True
+
+    def forward(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor, gather: Gather | None = None) -> Tensor:
         q = self.query_proj(query)  # (B, Ds)
         # GSU over the whole sequence.
         idx, sel_mask = self.retrieve(q, seq, mask)  # (B, K'), (B, K')
         # ESU over the K' retrieved.
-        kv = self.esu_input(gather_seq(seq, idx), gather_seq(ctx, idx))  # (B, K', Ds(+Dc))
+        kv = self.esu_input(*gather_retrieved(seq, ctx, idx, gather))  # (B, K', Ds(+Dc))
         return self.esu(q, kv, sel_mask)  # (B, H*d)
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from raylsm.models.config import TwinConfig
-from raylsm.models.layers import gather_seq, masked_softmax, topk_valid
+from raylsm.models.layers import Gather, gather_retrieved, masked_softmax, topk_valid
 
 
 class TwinAttention(nn.Module):
@@ -83,8 +83,10 @@ class TWIN(nn.Module):
             r = self.attention.scores(query, seq, ctx).mean(1)  # mean_h α_jh  (B, L)
         return topk_valid(r, mask, self.k)
 
-    def forward(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor) -> Tensor:
+    reads_retrieved_only = True  # the CP-GSU runs without a gradient: as SIMSoft
+
+    def forward(self, query: Tensor, seq: Tensor, ctx: Tensor, mask: Tensor, gather: Gather | None = None) -> Tensor:
         # CP-GSU over the whole sequence.
         idx, sel_mask = self.retrieve(query, seq, ctx, mask)  # (B, K'), (B, K')
         # ESU: the same attention on the K' retrieved.
-        return self.attention(query, gather_seq(seq, idx), gather_seq(ctx, idx), sel_mask)  # (B, H*d)
+        return self.attention(query, *gather_retrieved(seq, ctx, idx, gather), sel_mask)  # (B, H*d)
