@@ -79,7 +79,11 @@ def ray_rows_per_s(data: str, spec, batch: int, device, cpus: int, block_rows: i
     from raylsm.train.loop import _torch_batches
 
     ray.data.DataContext.get_current().execution_options.resource_limits = ray.data.ExecutionResources(cpu=cpus)
-    ds = read_split(data, "train", spec, block_rows, shuffle_seed=0, task_cpus=1.0)
+    # Ray Data's CPU limit is a soft one (without the per-operator reservation, data.op_reservation, it lets a
+    # second task start beside the first), so fewer CPUs than the cluster's are also a cap on the tasks at once.
+    # (Not with all of them: Ray itself bounds those, and a cap makes Ray Data back off below it.)
+    cap = cpus if cpus < ray.cluster_resources().get("CPU", cpus) else None
+    ds = read_split(data, "train", spec, block_rows, shuffle_seed=0, task_cpus=1.0, concurrency=cap)
     start = time.perf_counter()
     rows = _consume(_torch_batches(ds.iterator(), batch, device, prefetch=prefetch), device)
     return rows / (time.perf_counter() - start), rows

@@ -119,6 +119,7 @@ def read_split(
     task_cpus: float = DATA_TASK_CPUS,
     concurrency: int | None = None,
     narrow_ids: bool = True,
+    op_reservation: bool = False,
 ):
     """Lazy Ray dataset of collated rows for one split (any partition depth under ``root/split``).
 
@@ -128,7 +129,9 @@ def read_split(
     ``shuffle_seed``: seeded shard order and in-block row order, both reseeded every epoch; None =
     shard order, rows as stored. ``ts_range=(lo, hi)`` keeps the rows with ``lo <= ts < hi`` (either
     end may be None): how the validation split is cut from the end of train. ``narrow_ids``: ids in
-    the narrowest dtype the manifest's vocabulary allows.
+    the narrowest dtype the manifest's vocabulary allows. ``op_reservation``: Ray Data's per-operator
+    resource reservation for this dataset (``data.op_reservation``; off: with one operator it only
+    holds back the second and later read tasks while its budget ramps up, each execution).
     """
     import ray.data
     from ray.data import RandomSeedConfig
@@ -147,10 +150,14 @@ def read_split(
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     if shuffle_seed is not None:
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
-    return ds.map_batches(
+    ds = ds.map_batches(
         functools.partial(_read_task, spec=spec, block_rows=batch_rows, shuffle_seed=shuffle_seed, ts_range=ts_range),
         batch_format="numpy",
         batch_size=None,
         num_cpus=task_cpus,
-        concurrency=concurrency,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),  # size None: no cap
     )
+    # This dataset's own context (from_items copied the driver's): the global limits, object-store
+    # memory included, still bound the execution without a per-operator reservation.
+    ds.context.op_resource_reservation_enabled = op_reservation
+    return ds

@@ -40,6 +40,10 @@ class DataConfig:
     block_rows: int = 8192  # rows per collated block (the in-task shuffle mixes this many rows)
     task_cpus: float = 0.5  # CPUs each read task asks Ray for (<= the 0.5 CPU a training layout leaves)
     read_concurrency: int = 0  # at most this many read tasks at once; 0 = as many as Ray Data's CPUs allow
+    # Ray Data's per-operator resource reservation (DataContext.op_resource_reservation_enabled). The pipeline
+    # is one operator, so reserving splits nothing useful, and the reservation's budget admits one read task at
+    # a time for the first second or so of every execution (every epoch): off, 2 CPUs read 1.4x faster here.
+    op_reservation: bool = False
 
     def validate(self) -> None:
         if self.st_len < 1 or self.ll_len < 1:

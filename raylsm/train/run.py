@@ -209,7 +209,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
         return read_split(job.data.path, src.split, spec, job.data.block_rows,
                           shuffle_seed=shuffle_seed if job.data.shuffle else None, ts_range=src.ts_range,
                           task_cpus=job.data.task_cpus, concurrency=job.data.read_concurrency or None,
-                          narrow_ids=job.data.narrow_ids)
+                          narrow_ids=job.data.narrow_ids, op_reservation=job.data.op_reservation)
 
     datasets = {"train": source(plan.train, job.train.seed), "test": source(plan.test)}
     if plan.val is not None:
