@@ -134,9 +134,7 @@ def time_train_steps(net, batch: dict | list[dict], device, steps: int, bf16: bo
     """
     import torch
 
-    from raylsm.train.loop import train_epoch
-
-    from raylsm.train.loop import build_optimizer
+    from raylsm.train.loop import build_optimizer, train_epoch
 
     opt = build_optimizer(net, lr)
     times: list[float] = []

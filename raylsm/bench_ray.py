@@ -297,7 +297,6 @@ def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict) -> floa
 
 
 def run_startup(args: argparse.Namespace) -> dict:
-
     resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="raylsm-bench-") as tmp:
         data = bench_dataset(args, tmp)

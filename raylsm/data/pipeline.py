@@ -157,7 +157,8 @@ def read_split(
         num_cpus=task_cpus,
         compute=ray.data.TaskPoolStrategy(size=concurrency),  # size None: no cap
     )
-    # This dataset's own context (from_items copied the driver's): the global limits, object-store
-    # memory included, still bound the execution without a per-operator reservation.
+    # This dataset's own context (from_items copied the driver's). Without the reservation Ray itself bounds
+    # the tasks by the cluster's free CPUs, and Ray Data's downstream-capacity backpressure the blocks that
+    # wait for the consumer (a slow consumer: the same object-store peak as with it, README).
     ds.context.op_resource_reservation_enabled = op_reservation
     return ds
