@@ -132,3 +132,26 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path
     for trial_id in first:  # finished before the interruption: never trained again
         assert sum(c.data.tags["raylsm.trial_id"] == trial_id for c in children) == 1
     assert result["counts"]["trials"] == 3
+
+
+def test_a_trial_whose_run_already_finished_hands_back_its_recorded_epochs(tmp_path: Path):
+    """The window the resume test can hit: a trial's run FINISHED in MLflow but the search interrupted before
+    Tune recorded the trial as ended. On resume that trial reports its recorded epochs instead of training."""
+    from raylsm.tune.search import finished_trial_epochs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("raylsm")
+    parent = client.create_run(exp).info.run_id
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent, "raylsm.trial_id": "t1"}).info.run_id
+    other = client.create_run(exp, tags={"mlflow.parentRunId": parent, "raylsm.trial_id": "t2"}).info.run_id
+    for epoch, (auc, loss) in enumerate([(0.61, 0.52), (0.65, 0.50)]):
+        client.log_metric(child, "val_auc", auc, step=epoch)
+        client.log_metric(child, "val_logloss", loss, step=epoch)
+        client.log_metric(other, "val_auc", 0.7, step=epoch)
+    client.log_metric(child, "auc", 0.64)  # a headline figure, not an epoch's
+    client.set_terminated(child, "FINISHED")  # t2 stays RUNNING: interrupted mid-training, trains again
+    assert finished_trial_epochs(uri, parent, "t1") == [
+        {"epoch": 0, "val_auc": 0.61, "val_logloss": 0.52}, {"epoch": 1, "val_auc": 0.65, "val_logloss": 0.50}]
+    assert finished_trial_epochs(uri, parent, "t2") == []
+    assert finished_trial_epochs(uri, parent, "t3") == []

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from raylsm.config import ConfigError
-from raylsm.tune.space import Space, describe, load_space, trial_job
+from raylsm.train.config import default_tracking_uri
+from raylsm.tune.space import EPOCH_METRICS, Space, describe, load_space, trial_job
 
 # A trial is a Tune actor that only waits on its TorchTrainer (whose controller takes 0 CPU): it
 # reserves TRIAL_CPU. Ray Data's read tasks run outside every placement group, so each concurrent
@@ -115,9 +116,34 @@ def tune_trial(config: dict, *, space_path: str, searcher: str, overrides: list[
     space = load_space(space_path, searcher, overrides)
     job = trial_job(space, config, overrides, {**flags, "storage": trials_storage, "name": f"trial-{trial_id}"})
     job.mlflow.run_name = f"{search_name}/{trial_id}"
+    done = finished_trial_epochs(job.mlflow.tracking_uri or default_tracking_uri(), parent_run_id, trial_id)
+    if done:
+        # This trial's training already finished and is recorded, but the search was interrupted before
+        # Tune noted the trial as ended: hand Tune the recorded epochs again instead of training twice.
+        for metrics in done:
+            ray.tune.report(metrics)
+        return
     run_training(job, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], validated=True,
                  extra_tags={"raylsm.trial_id": trial_id, "raylsm.search": search_name,
                              "raylsm.trial_config": json.dumps(config, sort_keys=True)})
+
+
+def finished_trial_epochs(tracking_uri: str, parent_run_id: str, trial_id: str) -> list[dict[str, float]]:
+    """The per-epoch metrics, in epoch order, of ``trial_id``'s child run when it already FINISHED; else []."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = [r for r in _children(client, experiment, parent_run_id)
+            if r.data.tags.get("raylsm.trial_id") == trial_id and r.info.status == "FINISHED"]
+    if not runs:
+        return []
+    by_epoch: dict[int, dict[str, float]] = {}
+    for key in EPOCH_METRICS:
+        if key in runs[0].data.metrics:
+            for m in client.get_metric_history(runs[0].info.run_id, key):
+                by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 # ----------------------------------------------------------------------------- progress
