@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -287,13 +288,57 @@ def running_local_cluster(timeout: float):
 
 
 def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict) -> float:
-    """Seconds from starting ``cmd`` to the time it writes into ``mark``; the command then runs to its end."""
+    """Seconds from starting ``cmd`` to the time it writes into ``mark``.
+
+    What follows the first batch is not part of the figure, so the command is then interrupted as Ctrl-C
+    would (SIGINT: ``raylsm train`` ends its MLflow run KILLED and stops its local cluster), and its
+    processes (Ray's included) are waited for, so the next repeat starts on an idle machine.
+    """
     start = time.time()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
-    if not mark.exists():
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        raise RuntimeError(f"`{' '.join(cmd[:4])} ...` exited {proc.returncode} before its first batch: {' | '.join(tail)}")
-    return float(mark.read_text()) - start
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            while proc.poll() is None and not _mark_time(mark) and time.time() - start < timeout:
+                time.sleep(0.1)
+            stamp = _mark_time(mark)
+            if stamp is None:
+                what = (f"wrote no first batch within {timeout:.0f} s" if proc.poll() is None
+                        else f"exited {proc.returncode} before its first batch")
+                err.seek(0)
+                tail = err.read().strip().splitlines()[-3:]
+                raise RuntimeError(f"`{' '.join(cmd[:4])} ...` {what}: {' | '.join(tail)}")
+        finally:
+            _interrupt_and_reap(proc)
+    return stamp - start
+
+
+def _mark_time(mark: Path) -> float | None:
+    """The time written into ``mark``, or None while it is absent or still being written."""
+    try:
+        return float(mark.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _interrupt_and_reap(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGINT ``proc`` (if still running), then wait for it and every process it started; kill what outlives ``grace``."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    _, left = psutil.wait_procs(family, timeout=grace / 2)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def run_startup(args: argparse.Namespace) -> dict:

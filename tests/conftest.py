@@ -69,6 +69,11 @@ def ray_local():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # As ensure_ray's local cluster: no preemption watcher actor, workers polled every 0.5 s.
+    from raylsm.train.run import LOCAL_HEALTH_CHECK_INTERVAL_S
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
     # Loopback only, as raylsm.train.run.ensure_ray: the node address stays 127.0.0.1.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
