@@ -287,12 +287,13 @@ def running_local_cluster(timeout: float):
             proc.kill()
 
 
-def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict) -> float:
+def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict, grace: float = 60.0) -> float:
     """Seconds from starting ``cmd`` to the time it writes into ``mark``.
 
     What follows the first batch is not part of the figure, so the command is then interrupted as Ctrl-C
     would (SIGINT: ``raylsm train`` ends its MLflow run KILLED and stops its local cluster), and its
-    processes (Ray's included) are waited for, so the next repeat starts on an idle machine.
+    processes (Ray's included) are waited for, so the next repeat starts on an idle machine; what is still
+    running ``grace`` seconds later is killed.
     """
     start = time.time()
     with tempfile.TemporaryFile("w+") as err:
@@ -308,7 +309,7 @@ def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict) -> floa
                 tail = err.read().strip().splitlines()[-3:]
                 raise RuntimeError(f"`{' '.join(cmd[:4])} ...` {what}: {' | '.join(tail)}")
         finally:
-            _interrupt_and_reap(proc)
+            _interrupt_and_reap(proc, grace)
     return stamp - start
 
 
@@ -339,6 +340,19 @@ def _interrupt_and_reap(proc: subprocess.Popen, grace: float = 60.0) -> None:
     for p in left:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    deadline = time.time() + 10
+    while left and time.time() < deadline:  # SIGKILL lands asynchronously; an orphan may stay a zombie
+        left = [p for p in left if _running(p)]
+        time.sleep(0.05)
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def run_startup(args: argparse.Namespace) -> dict:

@@ -113,6 +113,61 @@ def test_startup_times_the_first_batch_of_a_real_train_command(capsys, tiny_data
     assert out["over_floor"] == pytest.approx(out["seconds_to_first_batch"] / out["ray_floor_seconds"], rel=1e-2)
 
 
+def test_time_to_mark_interrupts_the_command_and_reaps_what_it_started(tmp_path):
+    """The timed command is stopped once its mark is written (SIGINT, as Ctrl-C), and every process it started
+    is gone when the figure comes back; the figure is the mark's time, not the command's end."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from raylsm.bench_ray import _time_to_mark
+
+    mark, pids = tmp_path / "mark", tmp_path / "pids"
+    code = (f"import subprocess, sys, time; from pathlib import Path; "
+            f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            f"time.sleep(0.5); Path({str(pids)!r}).write_text(f'{{child.pid}}'); "
+            f"Path({str(mark)!r}).write_text(repr(time.time())); time.sleep(600)")
+    start = time.time()
+    seconds = _time_to_mark([sys.executable, "-c", code], mark, timeout=60, env={}, grace=2)
+    assert 0.4 < seconds < time.time() - start < 30
+    # The child ignored its parent's end (a Ray process would not); it was killed after the grace period.
+    pid = int(pids.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_time_to_mark_names_a_command_that_exits_without_its_mark(tmp_path):
+    import sys
+
+    from raylsm.bench_ray import _time_to_mark
+
+    with pytest.raises(RuntimeError, match="exited 3 before its first batch: no data here"):
+        _time_to_mark([sys.executable, "-c", "import sys; print('no data here', file=sys.stderr); sys.exit(3)"],
+                      tmp_path / "mark", timeout=60, env={})
+
+
+def test_local_cluster_polls_workers_every_half_second_unless_the_user_says(monkeypatch):
+    """ensure_ray's local cluster: Ray Train's worker poll interval is 0.5 s by default; a user's value wins."""
+    import os
+
+    import ray
+
+    from raylsm.train import run
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    # ensure_ray sets several variables for the Ray it starts: a copy keeps them from reaching later tests.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")})
+    run.ensure_ray(num_cpus=1, quiet=True)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" and calls[0]["dashboard_host"] == "127.0.0.1"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    run.ensure_ray(num_cpus=1, quiet=True)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+
+
 @pytest.mark.parametrize("argv, option", [
     (["ingest", "--cpus", "0"], "--cpus"),
     (["step", "--models", "nope"], "--models"),
