@@ -299,7 +299,7 @@ def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict, grace: 
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
         try:
-            while proc.poll() is None and not _mark_time(mark) and time.time() - start < timeout:
+            while proc.poll() is None and _mark_time(mark) is None and time.time() - start < timeout:
                 time.sleep(0.1)
             stamp = _mark_time(mark)
             if stamp is None:
