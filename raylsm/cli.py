@@ -60,14 +60,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         tgt_items=args.tgt_items, src_items=args.src_items, p_real=args.p_real, p_decoy=args.p_decoy,
         st_noise=args.st_noise, ctx_noise=args.ctx_noise, focus=args.focus, bridge=args.bridge == "on", context_effect=args.context_effect == "on",
     )
-    emit(generate_config(args.out, cfg, progress=not args.quiet))
+    emit(generate_config(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite))
     return 0
 
 
 def cmd_data_taobao(args: argparse.Namespace) -> int:
     from raylsm.data.taobao import convert
 
-    emit(convert(args.raw, args.out, variant=args.variant, ll_len=args.ll_len))
+    emit(convert(args.raw, args.out, variant=args.variant, ll_len=args.ll_len, overwrite=args.overwrite))
     return 0
 
 
@@ -190,6 +190,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+OVERWRITE_HELP = ("replace the dataset already in --out (only a raylsm dataset; it is swapped out once the new "
+                  "one is complete and checked)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylsm", description="Train lifelong-sequence CTR models (LCN, CAIN and baselines) on Ray.")
@@ -226,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of a session's behaviours of its focus interest (the rest: feed items of random "
                         "interests); 1 removes the session-topic signal a window could use to tell focus from feed items")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(fn=cmd_data_synth)
 
     p = data.add_parser("taobao", help="convert the public Taobao logs")
@@ -233,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--variant", required=True, choices=["ad-click", "user-behavior"])
     p.add_argument("--ll-len", type=int, default=500)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(fn=cmd_data_taobao)
 
     p = data.add_parser("check", help="validate a dataset's manifest and every shard")

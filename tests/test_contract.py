@@ -201,3 +201,161 @@ def test_wrong_column_type_is_one_line_without_a_row_count(dataset):
     _rewrite(shard, lambda t: t.set_column(t.schema.get_field_index("label"), "label", t.column("label").cast(pa.float32())))
     problems = list(iter_problems(dataset))
     assert problems == [f"{shard}: column 'label': must be int8, got float"]
+
+
+# ----------------------------------------------------------------------------- the val split
+
+
+def _declare_val(dataset: Path, rows: int) -> None:
+    m = json.loads((dataset / "manifest.json").read_text())
+    m["splits"]["val"] = {"rows": rows}
+    (dataset / "manifest.json").write_text(json.dumps(m))
+
+
+def _val_from_train(dataset: Path, ts_shift: int) -> Path:
+    """A val shard: the 20 rows of train/part-1.parquet with ``ts`` moved by ``ts_shift``."""
+    table = pq.read_table(dataset / "train" / "part-1.parquet", partitioning=None)
+    ts = pa.array([t + ts_shift for t in table.column("ts").to_pylist()], pa.int64())
+    (dataset / "val").mkdir()
+    shard = dataset / "val" / "part-00000.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("ts"), "ts", ts), shard)
+    return shard
+
+
+def test_garbage_val_shard_fails_data_check(dataset, capsys):
+    from raylsm.cli import main
+
+    _declare_val(dataset, 5)
+    (dataset / "val").mkdir()
+    shard = dataset / "val" / "part-00000.parquet"
+    shard.write_bytes(b"this is not parquet\n" * 10)
+    assert main(["data", "check", str(dataset)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{shard}: not a readable Parquet file"), err
+
+
+def test_val_split_checked_like_train_and_test(dataset):
+    _declare_val(dataset, 20)
+    assert list(iter_problems(dataset)) == [f"{dataset / 'val'}: no Parquet shards found for split 'val'"]
+    shard = _val_from_train(dataset, 500)  # ts 2500..2519: between train (..2019) and test (3000..)
+    assert list(iter_problems(dataset)) == []
+    _rewrite(shard, lambda t: t.set_column(t.schema.get_field_index("label"), "label",
+                                           pa.array([7] * t.num_rows, pa.int8())))
+    assert list(iter_problems(dataset)) == [f"{shard}: column 'label': 20 values not in {{0,1}} (e.g. 7)"]
+    _declare_val(dataset, 21)
+    _rewrite(shard, lambda t: t.set_column(t.schema.get_field_index("label"), "label",
+                                           pa.array([0] * t.num_rows, pa.int8())))
+    assert list(iter_problems(dataset)) == [
+        f"{dataset / 'manifest.json'}: key 'splits.val.rows' is 21 but the shards hold 20 rows"]
+
+
+def test_val_split_must_lie_between_train_and_test(dataset):
+    _declare_val(dataset, 20)
+    _val_from_train(dataset, 5000)  # ts 7000..7019: after the test split (3000..3009)
+    problems = list(iter_problems(dataset))
+    assert problems == [f"{dataset / 'test'}: column 'ts': temporal split violated: val impressions reach ts=7019 "
+                        "but test impressions start at ts=3000"], problems
+
+
+def test_declared_val_without_shards_is_an_error_before_training(dataset):
+    from raylsm.config import ConfigError
+    from raylsm.data.splits import plan_splits
+
+    _declare_val(dataset, 20)
+    with pytest.raises(ConfigError, match=r"val: the manifest declares a 'val' split but it holds no Parquet shards"):
+        plan_splits(dataset, read_manifest(dataset), 0.1)
+    _val_from_train(dataset, 500)
+    plan = plan_splits(dataset, read_manifest(dataset), 0.1)
+    assert plan.how == "manifest" and plan.val_rows == 20 and plan.val.split == "val"
+
+
+# ----------------------------------------------------------------------------- the manifest schema
+
+
+def _set(path: str, value):
+    def edit(m: dict) -> None:
+        *parents, last = path.split(".")
+        for p in parents:
+            m = m[p]
+        m[last] = value
+    return edit
+
+
+def _deep(levels: int):
+    v: list = []
+    for _ in range(levels - 1):
+        v = [v]
+    return v
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_set("vocab.brand", [1]), "key 'vocab.brand' must be a positive integer, got a list"),
+    (_set("vocab.brand", None), "key 'vocab.brand' must be a positive integer, got null"),
+    (_set("vocab.item", None), "key 'vocab.item' must be a positive integer, got null"),
+    (_set("vocab.item", True), "key 'vocab.item' must be a positive integer, got True"),
+    (_set("vocab.item", 3.0), "key 'vocab.item' must be a positive integer, got 3.0"),
+    (_set("vocab", None), "key 'vocab' must be an object, got null"),
+    (_set("vocab.profile", None), "key 'vocab.profile' must be an object, got null"),
+    (_set("vocab.profile.age", "8"), "key 'vocab.profile.age' must be a positive integer, got '8'"),
+    (_set("splits.val", 5), "key 'splits.val' must be an object, got 5"),
+    (_set("splits.val", {"rows": "5"}), "key 'splits.val.rows' must be a non-negative integer, got '5'"),
+    (_set("splits.train", {}), "key 'splits.train.rows' missing"),
+    (_set("splits.extra", {"rows": 1}), "key 'splits.extra' unknown (expected train, test, val)"),
+    (_set("max_len.st", -1), "key 'max_len.st' must be a non-negative integer, got -1"),
+    (_set("max_len.extra", {"a": 1}), "key 'max_len.extra' must be a non-negative integer, got an object"),
+    (_set("name", 5), "key 'name' must be a string, got 5"),
+    (_set("domains", ["cross"]), "key 'domains' must be 'cross' or 'single', got a list"),
+    (_set("format", None), "key 'format' must be 'raylsm-dataset/1', got null"),
+    (_set("source", [1, 2]), "key 'source' must be a JSON object, got a list"),
+    (_set("source.notes", _deep(40)), "nested deeper than 32 levels"),
+    (lambda m: m.pop("max_len"), "key 'max_len' missing"),
+])
+def test_manifest_field_types_are_one_line_each(dataset, capsys, edit, expected):
+    from raylsm.cli import main
+
+    m = json.loads((dataset / "manifest.json").read_text())
+    edit(m)
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ContractError) as e:
+        read_manifest(dataset)
+    assert e.value.problems == [f"{dataset / 'manifest.json'}: {expected}"]
+    assert main(["data", "check", str(dataset)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{dataset / 'manifest.json'}: {expected}"]
+
+
+def test_unknown_top_level_keys_are_allowed(dataset):
+    m = json.loads((dataset / "manifest.json").read_text())
+    m["comment"] = {"by": ["hand"], "n": None}
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    assert list(iter_problems(dataset)) == []
+
+
+def test_manifest_nested_past_the_json_parser_is_one_line(dataset, capsys):
+    from raylsm.cli import main
+
+    path = dataset / "manifest.json"
+    path.write_text('{"format": "raylsm-dataset/1", "source": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    assert main(["data", "check", str(dataset)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"{path}: nested deeper than 32 levels"]
+
+
+def test_oversized_manifest_is_refused_unread(dataset, capsys):
+    import resource
+    import time
+
+    from raylsm.cli import main
+
+    path = dataset / "manifest.json"
+    with open(path, "r+b") as f:
+        f.truncate(1 << 30)  # 1 GiB (sparse): refused from its size, never read
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    assert main(["data", "check", str(dataset)]) == 1
+    assert time.perf_counter() - started < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 100 * 1024  # KiB: far below 1 GiB
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{path}: 1073741824 bytes, over the 1048576 byte (1 MiB) limit of a manifest"]
+    path.write_text(" " * (1 << 20) + "{}")  # just over the limit
+    with pytest.raises(ContractError, match=r"1048578 bytes, over the 1048576 byte \(1 MiB\) limit"):
+        read_manifest(dataset)

@@ -208,7 +208,7 @@ def test_different_seed_differs(cross, tmp_path):
 
 def test_regenerating_replaces_old_shards(tmp_path):
     generate(tmp_path, users=50, rows=300, ll_len=30, st_len=5, shards=3, progress=False)
-    summary = generate(tmp_path, users=50, rows=300, ll_len=30, st_len=5, shards=1, progress=False)
+    summary = generate(tmp_path, users=50, rows=300, ll_len=30, st_len=5, shards=1, progress=False, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "train").glob("*.parquet")) == ["part-00000.parquet"]
     assert validate_dataset(tmp_path).splits["train"]["rows"] == summary["train_rows"]
 

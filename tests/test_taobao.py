@@ -346,7 +346,8 @@ def test_min_history_and_all_candidates(tmp_path: Path):
 
 def test_rerun_replaces_previous_output(tmp_path: Path):
     convert(UB_DIR, tmp_path / "o", "user-behavior", ll_len=4, options=TaobaoOptions(shard_rows=100))
-    s = convert(UB_DIR, tmp_path / "o", "user-behavior", ll_len=4, options=TaobaoOptions(shard_rows=10_000))
+    s = convert(UB_DIR, tmp_path / "o", "user-behavior", ll_len=4, options=TaobaoOptions(shard_rows=10_000),
+                overwrite=True)
     assert len(shard_files(tmp_path / "o", "train")) == 1 and not (tmp_path / "o" / "_staging").exists()
     assert validate_dataset(tmp_path / "o").splits["train"]["rows"] == s["rows"]["train"]
 
@@ -417,6 +418,6 @@ def test_unknown_variant_and_bad_option(tmp_path: Path):
 def test_refuses_foreign_output_dir(tmp_path: Path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="output directory holds other files"):
-        convert(UB_DIR, tmp_path / "out", "user-behavior")
+    with pytest.raises(ValueError, match="not a raylsm dataset"):
+        convert(UB_DIR, tmp_path / "out", "user-behavior", overwrite=True)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # nothing removed

@@ -1,7 +1,10 @@
 """Dataset contract v1 (DESIGN §2): schema, manifest, and validation.
 
 A dataset is ``<dir>/manifest.json`` plus Parquet shards under ``<dir>/train``
-and ``<dir>/test`` (any partition depth). This module is the single source of
+and ``<dir>/test`` (any partition depth), and ``<dir>/val`` when the manifest
+declares a ``val`` split (checked like the others). Every manifest field is
+checked against one declarative table (:data:`MANIFEST_SCHEMA`); a manifest
+over 1 MiB is refused before it is read. This module is the single source of
 truth for column names and types; writers (the synthetic generator, the Taobao
 converters) build their tables with :func:`arrow_schema`, and readers call
 :func:`validate_dataset` before any training starts.
@@ -23,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FORMAT = "raylsm-dataset/1"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # every dataset has these
+VAL_SPLIT = "val"  # optional: checked like the others when the manifest declares it
 
 SCALAR_COLUMNS: dict[str, pa.DataType] = {
     "user_id": pa.int64(),
@@ -115,14 +119,14 @@ class Manifest:
         problems = _manifest_problems(obj, where)
         if problems:
             raise ContractError(problems)
-        vocab = {k: int(v) for k, v in obj["vocab"].items() if k != "profile"}
+        # Every field was checked against MANIFEST_SCHEMA: plain copies, no casts.
         return cls(
-            name=str(obj["name"]),
-            vocab=vocab,
-            profile_vocab={k: int(v) for k, v in obj["vocab"]["profile"].items()},
-            max_len={k: int(v) for k, v in obj["max_len"].items()},
+            name=obj["name"],
+            vocab={k: v for k, v in obj["vocab"].items() if k != "profile"},
+            profile_vocab=dict(obj["vocab"]["profile"]),
+            max_len=dict(obj["max_len"]),
             domains=obj["domains"],
-            splits={k: {"rows": int(v["rows"])} for k, v in obj["splits"].items()},
+            splits={k: {"rows": v["rows"]} for k, v in obj["splits"].items()},
             source=obj.get("source", {}),
         )
 
@@ -131,41 +135,134 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _manifest_problems(obj: object, where: str) -> list[str]:
-    if not isinstance(obj, dict):
-        return [f"{where}: top level must be a JSON object"]
-    out: list[str] = []
-    if obj.get("format") != FORMAT:
-        out.append(f"{where}: key 'format' must be {FORMAT!r}, got {obj.get('format')!r}")
-    if not isinstance(obj.get("name"), str):
-        out.append(f"{where}: key 'name' must be a string")
-    vocab = obj.get("vocab")
-    if not isinstance(vocab, dict):
-        out.append(f"{where}: key 'vocab' must be an object")
-    else:
-        for key in ("item", "cate", "ctx", "gap", "user"):
-            if not _is_int(vocab.get(key)) or vocab[key] < 1:
-                out.append(f"{where}: key 'vocab.{key}' must be a positive integer, got {vocab.get(key)!r}")
-        prof = vocab.get("profile")
-        if not isinstance(prof, dict):
-            out.append(f"{where}: key 'vocab.profile' must be an object of field -> size")
+# ----------------------------------------------------------------------------- manifest schema
+
+MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB; anything past 1 MiB is refused unread
+MANIFEST_MAX_DEPTH = 32  # nesting levels of objects/arrays anywhere in the manifest
+
+
+@dataclass(frozen=True)
+class _Int:
+    """An integer (never a bool) ``>= low``."""
+
+    low: int
+
+    def problem(self, v: object) -> str | None:
+        if _is_int(v) and v >= self.low:
+            return None
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(self.low, f"an integer >= {self.low}")
+        return f"must be {what}, got {_show(v)}"
+
+
+@dataclass(frozen=True)
+class _Str:
+    def problem(self, v: object) -> str | None:
+        return None if isinstance(v, str) else f"must be a string, got {_show(v)}"
+
+
+@dataclass(frozen=True)
+class _OneOf:
+    """One of the given strings."""
+
+    values: tuple[str, ...]
+
+    def problem(self, v: object) -> str | None:
+        if isinstance(v, str) and v in self.values:
+            return None
+        return f"must be {' or '.join(repr(x) for x in self.values)}, got {_show(v)}"
+
+
+@dataclass(frozen=True)
+class _Json:
+    """Any JSON value (its depth is bounded for the whole manifest)."""
+
+    kind: type = object
+
+    def problem(self, v: object) -> str | None:
+        if self.kind is object or isinstance(v, self.kind):
+            return None
+        return f"must be a JSON {'object' if self.kind is dict else self.kind.__name__}, got {_show(v)}"
+
+
+@dataclass(frozen=True)
+class _Obj:
+    """A JSON object: ``fields`` (name -> (spec, required)); other keys must match ``extra`` (None: none allowed)."""
+
+    fields: dict
+    extra: object = None
+    extra_what: str = ""
+
+    def problem(self, v: object) -> str | None:
+        return None if isinstance(v, dict) else f"must be an object, got {_show(v)}"
+
+
+def _show(v: object) -> str:
+    text = "null" if v is None else repr(v) if not isinstance(v, (dict, list)) else ("an object" if isinstance(v, dict) else "a list")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_POSITIVE, _COUNT = _Int(1), _Int(0)
+_SPLIT = _Obj({"rows": (_COUNT, True)})
+# The manifest, field by field (DESIGN §2). Unknown top-level keys are allowed (any JSON).
+MANIFEST_SCHEMA = _Obj(
+    {
+        "format": (_OneOf((FORMAT,)), True),
+        "name": (_Str(), True),
+        "vocab": (_Obj(
+            {**{k: (_POSITIVE, True) for k in ("item", "cate", "ctx", "gap", "user")},
+             "profile": (_Obj({}, _POSITIVE, "profile field sizes"), True)},
+            _POSITIVE, "vocabulary sizes"), True),
+        "max_len": (_Obj({"st": (_COUNT, True), "ll": (_COUNT, True)}, _COUNT, "lengths"), True),
+        "domains": (_OneOf(("cross", "single")), True),
+        "splits": (_Obj({"train": (_SPLIT, True), "test": (_SPLIT, True), "val": (_SPLIT, False)}), True),
+        "source": (_Json(dict), False),
+    },
+    _Json(),
+)
+
+
+def _too_deep(obj: object, limit: int) -> bool:
+    """True when ``obj`` nests objects/arrays more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _schema_check(spec: object, value: object, key: str, where: str, out: list[str]) -> None:
+    problem = spec.problem(value)  # type: ignore[attr-defined]
+    if problem:
+        out.append(f"{where}: key '{key}' {problem}")
+        return
+    if not isinstance(spec, _Obj):
+        return
+    prefix = f"{key}." if key else ""
+    for name, (sub, required) in spec.fields.items():
+        if name in value:  # type: ignore[operator]
+            _schema_check(sub, value[name], prefix + name, where, out)  # type: ignore[index]
+        elif required:
+            out.append(f"{where}: key '{prefix + name}' missing")
+    for name, v in value.items():  # type: ignore[attr-defined]
+        if name in spec.fields:
+            continue
+        if spec.extra is None:
+            out.append(f"{where}: key '{prefix + name}' unknown (expected {', '.join(spec.fields)})")
         else:
-            for k, v in prof.items():
-                if not _is_int(v) or v < 1:
-                    out.append(f"{where}: key 'vocab.profile.{k}' must be a positive integer, got {v!r}")
-    max_len = obj.get("max_len")
-    if not isinstance(max_len, dict) or not all(_is_int(max_len.get(k)) and max_len[k] >= 0 for k in ("st", "ll")):
-        out.append(f"{where}: key 'max_len' must hold non-negative integers 'st' and 'll'")
-    if obj.get("domains") not in ("cross", "single"):
-        out.append(f"{where}: key 'domains' must be 'cross' or 'single', got {obj.get('domains')!r}")
-    splits = obj.get("splits")
-    if not isinstance(splits, dict):
-        out.append(f"{where}: key 'splits' must be an object")
-    else:
-        for s in SPLITS:
-            rows = splits.get(s, {}).get("rows") if isinstance(splits.get(s), dict) else None
-            if not _is_int(rows) or rows < 0:
-                out.append(f"{where}: key 'splits.{s}.rows' must be a non-negative integer, got {rows!r}")
+            _schema_check(spec.extra, v, prefix + name, where, out)
+
+
+def _manifest_problems(obj: object, where: str) -> list[str]:
+    """One line per field of ``obj`` that does not match :data:`MANIFEST_SCHEMA`."""
+    if not isinstance(obj, dict):
+        return [f"{where}: top level must be a JSON object, got {_show(obj)}"]
+    if _too_deep(obj, MANIFEST_MAX_DEPTH):
+        return [f"{where}: nested deeper than {MANIFEST_MAX_DEPTH} levels"]
+    out: list[str] = []
+    _schema_check(MANIFEST_SCHEMA, obj, "", where, out)
     return out
 
 
@@ -177,10 +274,29 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise ContractError([f"{path}: missing (a dataset directory needs a manifest.json)"])
     try:
-        obj = json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MANIFEST_MAX_BYTES:
+            raise ContractError([f"{path}: {size} bytes, over the {MANIFEST_MAX_BYTES} byte (1 MiB) limit of a manifest"])
+        with open(path, "rb") as f:
+            data = f.read(MANIFEST_MAX_BYTES + 1)
+    except OSError as e:
+        raise ContractError([f"{path}: not readable ({e.strerror or type(e).__name__})"]) from None
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise ContractError([f"{path}: over the {MANIFEST_MAX_BYTES} byte (1 MiB) limit of a manifest"])
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ContractError([f"{path}: not UTF-8 text (byte {e.start})"]) from None
     except json.JSONDecodeError as e:
         raise ContractError([f"{path}: not valid JSON ({e.msg} at line {e.lineno})"]) from None
+    except RecursionError:
+        raise ContractError([f"{path}: nested deeper than {MANIFEST_MAX_DEPTH} levels"]) from None
     return Manifest.from_json(obj, str(path))
+
+
+def declared_splits(manifest: Manifest) -> tuple[str, ...]:
+    """The splits a dataset must hold: train, test, and val when its manifest declares one."""
+    return (*SPLITS, VAL_SPLIT) if VAL_SPLIT in manifest.splits else SPLITS
 
 
 def shard_files(root: str | os.PathLike, split: str) -> list[Path]:
@@ -191,7 +307,7 @@ def shard_files(root: str | os.PathLike, split: str) -> list[Path]:
 
 def list_shards(root: str | os.PathLike) -> list[Path]:
     """Every shard of every split: what a training reads (see :func:`shards_gone`)."""
-    return [p for split in SPLITS for p in shard_files(root, split)]
+    return [p for split in (*SPLITS, VAL_SPLIT) for p in shard_files(root, split)]
 
 
 def shards_gone(shards: list[Path]) -> ContractError | None:
@@ -307,7 +423,7 @@ def iter_problems(root: str | os.PathLike, batch_bytes: int = 64 << 20) -> Itera
     for f, size in manifest.profile_vocab.items():
         ranges[PROFILE_PREFIX + f] = (0, size)
     ts_bounds: dict[str, tuple[int, int]] = {}
-    for split in SPLITS:
+    for split in declared_splits(manifest):
         files = shard_files(root, split)
         if not files:
             yield f"{Path(root) / split}: no Parquet shards found for split '{split}'"
@@ -344,11 +460,13 @@ def iter_problems(root: str | os.PathLike, batch_bytes: int = 64 << 20) -> Itera
         declared = manifest.splits.get(split, {}).get("rows")
         if counted and declared is not None and declared != rows:
             yield f"{Path(root) / 'manifest.json'}: key 'splits.{split}.rows' is {declared} but the shards hold {rows} rows"
-    if "train" in ts_bounds and "test" in ts_bounds and ts_bounds["train"][1] > ts_bounds["test"][0]:
-        yield (
-            f"{Path(root) / 'test'}: column 'ts': temporal split violated: train impressions reach "
-            f"ts={ts_bounds['train'][1]} but test impressions start at ts={ts_bounds['test'][0]}"
-        )
+    order = [s for s in ("train", VAL_SPLIT, "test") if s in ts_bounds]
+    for earlier, later in zip(order, order[1:]):  # train before val before test
+        if ts_bounds[earlier][1] > ts_bounds[later][0]:
+            yield (
+                f"{Path(root) / later}: column 'ts': temporal split violated: {earlier} impressions reach "
+                f"ts={ts_bounds[earlier][1]} but {later} impressions start at ts={ts_bounds[later][0]}"
+            )
 
 
 def validate_dataset(root: str | os.PathLike) -> Manifest:

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raylsm.config import ConfigError
-from raylsm.data.contract import Manifest, shard_files
-
-VAL_SPLIT = "val"
+from raylsm.data.contract import VAL_SPLIT, Manifest, shard_files
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,10 @@ def _train_ts(root: str | os.PathLike) -> np.ndarray:
 def plan_splits(root: str | os.PathLike, manifest: Manifest, val_fraction: float) -> SplitPlan:
     """The train/validation/test sources of a run; raise ConfigError when the cut leaves a side empty."""
     test = SplitSource("test")
-    if VAL_SPLIT in manifest.splits and shard_files(root, VAL_SPLIT):
+    if VAL_SPLIT in manifest.splits:
+        if not shard_files(root, VAL_SPLIT):
+            raise ConfigError(f"{os.path.join(root, VAL_SPLIT)}: the manifest declares a '{VAL_SPLIT}' split "
+                              "but it holds no Parquet shards")
         return SplitPlan(SplitSource("train"), SplitSource(VAL_SPLIT), test,
                          int(manifest.splits[VAL_SPLIT].get("rows", 0)), "manifest")
     if val_fraction <= 0:

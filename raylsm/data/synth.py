@@ -111,6 +111,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from raylsm.data.atomic import rebase, write_dataset
 from raylsm.data.contract import PROFILE_PREFIX, Manifest, arrow_schema
 
 GENERATOR = "raylsm.data.synth"
@@ -656,21 +657,6 @@ def chunk_table(world: World, r0: int, r1: int, split: str, schema: pa.Schema) -
 # ----------------------------------------------------------------------------- driver
 
 
-def _prepare_out(out: Path) -> None:
-    """Create ``out``; remove shards of an earlier synthetic dataset there, refuse to mix with others."""
-    out.mkdir(parents=True, exist_ok=True)
-    old = [p for split in ("train", "test") if (out / split).is_dir() for p in (out / split).rglob("*.parquet")]
-    if not old:
-        return
-    manifest = out / "manifest.json"
-    if not (manifest.is_file() and f'"{GENERATOR}"' in manifest.read_text()):
-        raise ValueError(f"--out: {out} already holds Parquet shards not written by {GENERATOR}; "
-                         "choose another directory")
-    manifest.unlink()
-    for p in old:
-        p.unlink()
-
-
 def _max_ids(table: pa.Table, acc: dict[str, int]) -> None:
     """Fold the table's largest id per vocab key into ``acc``."""
     import pyarrow.compute as pc
@@ -687,11 +673,31 @@ def _max_ids(table: pa.Table, acc: dict[str, int]) -> None:
                 acc[key] = max(acc.get(key, 0), pc.max(col).as_py())
 
 
-def generate_config(out: str | Path, cfg: SynthConfig, progress: bool = True) -> dict:
-    """Write the dataset described by ``cfg`` to ``out``; return a summary (see :func:`generate`)."""
+def generate_config(out: str | Path, cfg: SynthConfig, progress: bool = True, overwrite: bool = False) -> dict:
+    """Write the dataset described by ``cfg`` to ``out``; return a summary (see :func:`generate`).
+
+    The dataset is written beside ``out`` and swapped in once complete and checked
+    (:mod:`raylsm.data.atomic`); an existing dataset in ``out`` is replaced only with ``overwrite``.
+    """
     out = Path(out)
     started = time.perf_counter()
-    _prepare_out(out)
+    staged: dict[str, Path] = {}
+
+    def write(root: Path) -> dict:
+        staged["root"] = root
+        return _write_shards(root, cfg, progress, out.name)
+
+    summary = write_dataset(out, write, overwrite=overwrite)
+    summary["out"] = str(out)
+    summary["files"] = [rebase(f, staged["root"], out) for f in summary["files"]]
+    summary["manifest"] = str(out / "manifest.json")
+    seconds = time.perf_counter() - started
+    summary.update(seconds=round(seconds, 3), rows_per_s=round(cfg.rows / max(seconds, 1e-9), 1))
+    return summary
+
+
+def _write_shards(out: Path, cfg: SynthConfig, progress: bool, label: str) -> dict:
+    """Write every shard, then the manifest, into ``out`` (a fresh directory); return the summary."""
     world = build_world(cfg)
     schema = arrow_schema(list(PROFILE_FIELDS))
     per_row = max(1, cfg.ll_len + 2 * cfg.st_len)
@@ -701,7 +707,7 @@ def generate_config(out: str | Path, cfg: SynthConfig, progress: bool = True) ->
     files: list[str] = []
     maxima: dict[str, int] = {}
     labels = ll_total = 0
-    bar = tqdm(total=cfg.rows, unit="rows", desc=f"synth {out.name}", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=cfg.rows, unit="rows", desc=f"synth {label}", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     base = 0
     for split in ("train", "test"):
@@ -734,8 +740,7 @@ def generate_config(out: str | Path, cfg: SynthConfig, progress: bool = True) ->
         domains=cfg.domains, splits={s: {"rows": split_rows[s]} for s in ("train", "test")},
         source={"generator": GENERATOR, "params": _params(cfg), "seed": cfg.seed},
     )
-    manifest_path = manifest.write(out)
-    seconds = time.perf_counter() - started
+    manifest_path = manifest.write(out)  # last: a directory without it is no dataset
     return {
         "out": str(out), "name": cfg.name, "domains": cfg.domains, "rows": cfg.rows,
         "train_rows": split_rows["train"], "test_rows": split_rows["test"],
@@ -743,7 +748,6 @@ def generate_config(out: str | Path, cfg: SynthConfig, progress: bool = True) ->
         "files": files, "manifest": str(manifest_path), "vocab": {**vocab, "profile": profile_vocab},
         "ctr": labels / cfg.rows, "mean_ll_len": ll_total / cfg.rows,
         "bytes": sum(Path(f).stat().st_size for f in files),
-        "seconds": round(seconds, 3), "rows_per_s": round(cfg.rows / max(seconds, 1e-9), 1),
     }
 
 
@@ -762,14 +766,16 @@ def generate(
     domains: str = "cross",
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Generate a synthetic contract-v1 dataset under ``out`` (the ``raylsm data synth`` command).
 
     Returns ``{"out", "name", "domains", "rows", "train_rows", "test_rows", "splits", "files", "manifest",
     "vocab", "ctr", "mean_ll_len", "bytes", "seconds", "rows_per_s"}``. Raises ``ValueError`` naming
-    the option for bad parameters. Other knobs: build a :class:`SynthConfig` and call
+    the option for bad parameters, or ``--out`` when it holds files and ``overwrite`` is not set (or
+    they are not a dataset). Other knobs: build a :class:`SynthConfig` and call
     :func:`generate_config`.
     """
     cfg = SynthConfig(users=users, rows=rows, ll_len=ll_len, st_len=st_len, shards=shards, domains=domains, seed=seed)
-    return generate_config(out, cfg, progress=progress)
+    return generate_config(out, cfg, progress=progress, overwrite=overwrite)
 

@@ -62,10 +62,10 @@ how Tianchi dates both datasets.
 
 Pipeline, with memory bounded whatever the input size:
 
-1. DuckDB (file-backed, ``memory_limit``, ``threads``, spilling to a staging
-   dir) parses and checks the CSVs, joins the small side tables and writes
-   typed impressions and behaviours to staging Parquet (one pass over each
-   CSV).
+1. DuckDB (file-backed, ``memory_limit``, ``threads``, spilling to a work
+   dir inside the dataset's staging directory) parses and checks the CSVs,
+   joins the small side tables and writes typed impressions and behaviours to
+   staging Parquet (one pass over each CSV).
 2. Sorted distinct raw ids (the vocabularies) are read from the staged files.
 3. DuckDB streams behaviours and impressions sorted by (user, ts) (an
    external sort past ``memory_limit``); they are regrouped into aligned
@@ -99,6 +99,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raylsm.data.atomic import rebase, write_dataset
 from raylsm.data.contract import PROFILE_PREFIX, SPLITS, Manifest, arrow_schema
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class TaobaoOptions:
     test_days: int = 1  # user-behavior: last N days are test (ad-click: always the last day)
     memory_limit: str = "2GB"  # DuckDB memory limit; it spills to the staging dir beyond
     threads: int = 2
-    work_dir: str | None = None  # staging dir; default <out>/_staging, removed at the end
+    work_dir: str | None = None  # DuckDB's work dir; default inside the dataset's staging, removed at the end
     compression: str = "zstd"
     name: str | None = None  # manifest name; default "taobao-<variant>"
     # --- ad-click
@@ -177,12 +178,16 @@ def convert(
     ll_len: int = 500,
     st_len: int = 24,
     options: TaobaoOptions | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Convert a raw Taobao dump in ``raw_dir`` into a contract-v1 dataset in ``out_dir``.
 
-    Returns a summary: rows per split, shard files, dropped-row counts, timing
-    and peak RSS. Raises ``ValueError`` (one line, naming the file/column) on bad
-    input.
+    The dataset is written beside ``out_dir`` and swapped in once complete and
+    checked (:mod:`raylsm.data.atomic`): a failed or interrupted conversion leaves
+    what was there untouched. An existing dataset is replaced only with
+    ``overwrite``. Returns a summary: rows per split, shard files, dropped-row
+    counts, timing and peak RSS. Raises ``ValueError`` (one line, naming the
+    file/column) on bad input.
     """
     opts = options or TaobaoOptions()
     _check_args(variant, ll_len, st_len, opts)
@@ -190,23 +195,30 @@ def convert(
     if not raw.is_dir():
         raise ValueError(f"{raw}: raw directory does not exist")
     files = _check_files(raw, variant)
-    _prepare_out(out)
-    work = Path(opts.work_dir) if opts.work_dir else out / "_staging"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     t_start = time.perf_counter()
-    try:
-        con = _connect(work, opts)
-        try:
-            if variant == "ad-click":
-                plan = _stage_ad_click(con, files, work, opts)
-            else:
-                plan = _stage_user_behavior(con, files[USER_BEHAVIOR_FILE], work, opts)
-            summary = _build(plan, out, variant, ll_len, st_len, opts)
-        finally:
-            con.close()
-    finally:
+    staged: dict[str, Path] = {}
+
+    def write(root: Path) -> tuple[dict, _Plan]:
+        staged["root"] = root
+        work = Path(opts.work_dir) if opts.work_dir else root / "_staging"
         shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            con = _connect(work, opts)
+            try:
+                if variant == "ad-click":
+                    plan = _stage_ad_click(con, files, work, opts)
+                else:
+                    plan = _stage_user_behavior(con, files[USER_BEHAVIOR_FILE], work, opts)
+                return _build(plan, root, variant, ll_len, st_len, opts), plan
+            finally:
+                con.close()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    summary, plan = write_dataset(out, write, overwrite=overwrite)
+    summary["out"] = str(out)
+    summary["files"] = {s: [rebase(f, staged["root"], out) for f in fs] for s, fs in summary["files"].items()}
     seconds = time.perf_counter() - t_start
     total = summary["rows"]["train"] + summary["rows"]["test"]
     summary.update(
@@ -298,26 +310,6 @@ def _check_files(raw: Path, variant: str) -> dict[str, Path]:
     if parts[3].strip() not in BTAG_CTX:
         raise ValueError(f"{path}: column 'behavior_type': unknown value {parts[3]!r} on line 1, expected pv/cart/fav/buy")
     return {USER_BEHAVIOR_FILE: path}
-
-
-def _prepare_out(out: Path) -> None:
-    """Create ``out``; replace a previous conversion there, refuse a directory holding other files."""
-    ours = {"manifest.json", "train", "test", "idmap", "_staging"}
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{out}: output path exists and is not a directory")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        if foreign:
-            raise ValueError(
-                f"{out}: output directory holds other files ({', '.join(foreign[:3])}); use an empty or new directory"
-            )
-        for name in ours:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- DuckDB staging
