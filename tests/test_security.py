@@ -8,6 +8,7 @@ run is then stopped with SIGINT (Ctrl-C); ``tests/test_faults.py`` checks what t
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import subprocess
@@ -193,3 +194,127 @@ def test_joining_a_loopback_cluster_keeps_the_loopback_node_address(monkeypatch)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     run.ensure_ray()
     assert calls[-1] == ("127.0.0.1:6379", "0") and not ray_constants.ENABLE_RAY_CLUSTER
+
+
+# ----------------------------------------------------------------------------- credentials never at rest
+
+SECRET = "S3CRET"
+
+
+def test_redact_uri_strips_userinfo_every_query_value_and_the_fragment():
+    from raylsm.train.tracking import real_uri, redact_uri, scrub
+
+    cases = {
+        "https://alice:S3CRET@mlflow.example.com:5000/api": "https://***@mlflow.example.com:5000/api",
+        "http://alice:S3CRET@127.0.0.1:5000/?token=S3CRET&x=1#S3CRET": "http://***@127.0.0.1:5000/?token=***&x=***",
+        "sqlite:////tmp/m.db?token=S3CRET": "sqlite:////tmp/m.db?token=***",
+        "http://h:1/#S3CRET": "http://h:1/",
+        "https://S3CRET@h/p": "https://***@h/p",
+        "sqlite:////tmp/mlflow.db": "sqlite:////tmp/mlflow.db",
+        "databricks://profile": "databricks://profile",
+    }
+    for uri, shown in cases.items():
+        assert redact_uri(uri) == shown and redact_uri(shown) == shown, uri
+    full = "http://alice:S3CRET@127.0.0.1:5000/?token=S3CRET"
+    assert scrub(f"refused {full} (token S3CRET)", full).count(SECRET) == 0
+    assert real_uri(redact_uri(full)) == redact_uri(full)  # nothing in the environment: stays redacted
+    os.environ["RAYLSM_TRACKING_URI"] = full
+    try:
+        assert real_uri(redact_uri(full)) == full
+        assert real_uri("http://***@other:5000/") == "http://***@other:5000/"  # another store: never swapped
+    finally:
+        del os.environ["RAYLSM_TRACKING_URI"]
+
+
+def _files_holding(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if needle in path.read_bytes():
+                    hits.append(str(path.relative_to(root)))
+            except OSError:
+                pass
+    return hits
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(root: Path) -> tuple[subprocess.Popen, int]:
+    """A local MLflow tracking server on loopback (SQLite store, proxied artifacts under ``root``)."""
+    import urllib.request
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+           "--artifacts-destination", str(root / "server-artifacts")]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the MLflow server did not start")
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    """The server and the workers it forked: its own session only."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "RAYLSM_"))}
+
+
+@pytest.mark.ray
+def test_credentialed_tracking_uri_is_never_written_or_printed(tmp_path_factory):
+    """``raylsm train`` against a real MLflow server through ``http://alice:S3CRET@...`` (basic auth in the URI):
+    the run is recorded (params, job YAML, model artifact, metrics from the worker), and ``S3CRET`` appears in
+    no file under the storage, the server's store and artifacts, the working directory, nor in stdout/stderr."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("secret")
+    data = small_world_dataset(tmp / "synth", rows=1500)
+    server, port = _mlflow_server(tmp)
+    try:
+        uri = f"http://alice:{SECRET}@127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "raylsm", "train", "--model", "lcn", "--data", str(data), "--epochs", "1",
+               "--storage", str(tmp / "runs"), "--name", "secret", "--tracking-uri", uri, "--workers", "1",
+               "--set", "train.max_steps_per_epoch=3"]
+        for kv in TINY:
+            cmd += ["--set", kv]
+        proc = subprocess.run(cmd, cwd=tmp, env=_clean_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert SECRET not in proc.stdout and SECRET not in proc.stderr
+        assert result["tracking_uri"] == f"http://***@127.0.0.1:{port}"
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        run = client.get_run(result["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.params["mlflow.tracking_uri"] == result["tracking_uri"]
+        assert client.get_metric_history(run.info.run_id, "train_loss")  # the worker reached the store
+        assert "job.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert all(SECRET not in f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items())
+    finally:
+        _stop_server(server)
+    checkpoints = list((tmp / "runs" / "secret").glob("checkpoint_*/job.json"))
+    assert checkpoints and all("***@" in p.read_text() for p in checkpoints)
+    assert list((tmp / "server-artifacts").rglob("MLmodel")) and (tmp / "server.db").is_file()  # the logged model
+    assert _files_holding(tmp, SECRET.encode()) == [], "secret written to disk"

@@ -15,7 +15,7 @@ from raylsm.train.metrics import evaluate_arrays
 def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 2048) -> dict:
     """AUC, GAUC and logloss of ``checkpoint`` on ``data``'s test split."""
     manifest = validate_dataset(data)
-    model, meta = model_from_checkpoint(checkpoint)
+    model, meta = model_from_checkpoint(checkpoint)  # CheckpointError: one line naming --checkpoint
     vocab = meta["vocab"]
     for key in ("item", "cate", "ctx", "gap", "user"):
         if manifest.vocab[key] > vocab[key]:

@@ -184,7 +184,12 @@ def gather_rng_states() -> list[dict]:
 
 def save_checkpoint(directory: str, model: nn.Module, optimizer, epoch: int, job: JobConfig, vocab: Vocab, metrics: dict,
                     rng_states: list[dict] | None = None, mlflow_run_id: str | None = None) -> None:
-    """Everything needed to resume or score: weights, optimizer, epoch, every rank's RNG, job config, vocab."""
+    """Everything needed to resume or score: weights, optimizer, epoch, every rank's RNG, job config, vocab.
+
+    The job is stored with its tracking URI redacted: no credential is ever written to a checkpoint.
+    """
+    from raylsm.train.tracking import redact_uri
+
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -192,29 +197,120 @@ def save_checkpoint(directory: str, model: nn.Module, optimizer, epoch: int, job
         "rng": rng_states if rng_states is not None else [rng_state()],
     }
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
-    meta = {"job": job_to_dict(job), "vocab": vocab.__dict__, "epoch": epoch, "metrics": metrics,
+    job_dict = job_to_dict(job)
+    job_dict["mlflow"]["tracking_uri"] = redact_uri(job_dict["mlflow"]["tracking_uri"])
+    meta = {"job": job_dict, "vocab": vocab.__dict__, "epoch": epoch, "metrics": metrics,
             "mlflow_run_id": mlflow_run_id}
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
 
 
-def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """(state, meta) of a checkpoint directory; the state loads with ``weights_only=True``."""
-    path = os.path.join(directory, CHECKPOINT_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory}: not a raylsm checkpoint (no {CHECKPOINT_FILE})")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    with open(os.path.join(directory, META_FILE)) as f:
-        meta = json.load(f)
+MAX_VOCAB_ROWS = 2**31  # a table larger than this is no checkpoint this project wrote
+MAX_META_BYTES = 16 * 2**20
+_VOCAB_KEYS = ("item", "cate", "ctx", "gap", "user")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, not a raylsm checkpoint, or refuses to load; one line."""
+
+
+def _vocab_count(value, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VOCAB_ROWS:
+        raise CheckpointError(f"{where}: vocab.{key} must be an integer in [1, 2^31], got {str(value)[:40]}")
+    return value
+
+
+def read_meta(directory: str, option: str = "--checkpoint") -> dict:
+    """The checked ``job.json`` of a checkpoint: a valid job config, a bounded vocab, an epoch; else CheckpointError."""
+    from raylsm.config import ConfigError
+
+    where = f"{option} {directory}: {META_FILE}"
+    path = os.path.join(directory, META_FILE)
+    try:
+        if os.path.getsize(path) > MAX_META_BYTES:
+            raise CheckpointError(f"{where}: larger than {MAX_META_BYTES >> 20} MiB")
+        with open(path, "rb") as f:
+            meta = json.loads(f.read())
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot be read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("job"), dict) or not isinstance(meta.get("vocab"), dict):
+        raise CheckpointError(f"{where}: must be an object with 'job' and 'vocab' objects")
+    vocab = meta["vocab"]
+    if set(vocab) != {*_VOCAB_KEYS, "profile"} or not isinstance(vocab["profile"], dict):
+        raise CheckpointError(f"{where}: vocab must have exactly {', '.join(_VOCAB_KEYS)} and a profile object")
+    for key in _VOCAB_KEYS:
+        _vocab_count(vocab[key], key, where)
+    for key, value in vocab["profile"].items():
+        _vocab_count(value, f"profile.{key}", where)
+    epoch = meta.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise CheckpointError(f"{where}: epoch must be an integer >= 0, got {str(epoch)[:40]}")
+    try:
+        meta["job"] = job_to_dict(from_dict(JobConfig, meta["job"]))  # parsed and checked, back to plain data
+    except (ConfigError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{where}: job {(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
+    return meta
+
+
+def check_checkpoint(directory: str, option: str = "--checkpoint") -> dict:
+    """A directory holding a raylsm checkpoint (``checkpoint.pt`` and a valid ``job.json``); returns the meta."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{option} {directory}: no such directory")
+    if not os.path.isfile(os.path.join(directory, CHECKPOINT_FILE)):
+        raise CheckpointError(f"{option} {directory}: not a raylsm checkpoint (no {CHECKPOINT_FILE})")
+    if not os.path.isfile(os.path.join(directory, META_FILE)):
+        raise CheckpointError(f"{option} {directory}: not a raylsm checkpoint (no {META_FILE})")
+    return read_meta(directory, option)
+
+
+def load_checkpoint(directory: str, map_location: str | torch.device = "cpu",
+                    option: str = "--checkpoint") -> tuple[dict, dict]:
+    """(state, meta) of a checkpoint directory; the state loads with ``weights_only=True``.
+
+    Anything that is not a checkpoint this project wrote (a pickle payload, a bad ``job.json``, a vocab
+    beyond :data:`MAX_VOCAB_ROWS`) raises :class:`CheckpointError`, one line naming ``option``.
+    """
+    meta = check_checkpoint(directory, option)
+    try:
+        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for a pickle payload, RuntimeError for a corrupt archive, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{option} {directory}: {CHECKPOINT_FILE} refused by torch.load(weights_only=True) "
+                              f"({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "epoch" not in state:
+        raise CheckpointError(f"{option} {directory}: {CHECKPOINT_FILE} holds no model state and epoch")
     return state, meta
 
 
-def model_from_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model of a checkpoint and load its weights."""
-    state, meta = load_checkpoint(directory, map_location)
+def model_from_checkpoint(directory: str, map_location: str | torch.device = "cpu",
+                          option: str = "--checkpoint") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint and load its weights.
+
+    The model is first built on the meta device (no memory) and its tensor shapes compared with the
+    weights, so a vocab the weights do not match is one line, never a huge allocation.
+    """
+    state, meta = load_checkpoint(directory, map_location, option)
     job = from_dict(JobConfig, meta["job"])
-    model = build_model(job.model, Vocab(**meta["vocab"]))
-    model.load_state_dict(state["model"])
+    vocab = Vocab(**meta["vocab"])
+    weights = state["model"]
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        expected = build_model(job.model, vocab).state_dict()
+    for key, tensor in expected.items():
+        got = weights.get(key)
+        if not isinstance(got, Tensor):
+            raise CheckpointError(f"{option} {directory}: {CHECKPOINT_FILE} lacks weight {key} of a {job.preset} model")
+        if tuple(got.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{option} {directory}: weight {key} has shape {tuple(got.shape)} but the "
+                                  f"{META_FILE} vocab and model ask for {tuple(tensor.shape)}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise CheckpointError(f"{option} {directory}: {CHECKPOINT_FILE} has weight {extra[0]} that a {job.preset} model lacks")
+    model = build_model(job.model, vocab)
+    model.load_state_dict(weights)
     return model, meta
 
 
@@ -226,7 +322,7 @@ def restore_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.
     number of ranks there is no exact continuation: each rank is seeded afresh from ``seed``, the rank and the
     epoch, and the run says so on stderr.
     """
-    state, _ = load_checkpoint(directory)
+    state, _ = load_checkpoint(directory, option="checkpoint")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     start = int(state["epoch"]) + 1
@@ -570,9 +666,9 @@ class EpochLogger:
         if meta.get("mlflow_run_id") != self.run_id or not meta.get("metrics"):
             return False
         try:
-            from mlflow.tracking import MlflowClient
+            from raylsm.train.tracking import client
 
-            logged = {m.step for m in MlflowClient(tracking_uri=self.uri).get_metric_history(self.run_id, "train_loss")}
+            logged = {m.step for m in client(self.uri).get_metric_history(self.run_id, "train_loss")}
         except Exception:  # store unreachable: the epoch goes to the pending list below and is retried
             logged = set()
         epoch = int(meta["epoch"])

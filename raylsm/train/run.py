@@ -7,12 +7,17 @@ call; it returns the JSON-able result (``auc``, ``gauc``, ``logloss``,
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
+import signal
 import sys
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 from raylsm.config import ConfigError
 from raylsm.data.collate import CollateSpec
@@ -21,7 +26,8 @@ from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
 from raylsm.train.config import JobConfig, default_tracking_uri, job_to_dict
 from raylsm.train.loop import _FIRST_BATCH_FILE, train_loop_per_worker
-from raylsm.train.tracking import RecordWriter, end_run, finish_run, log_model, redact_uri, start_run
+from raylsm.train.tracking import (DRIVER_TAG, RecordWriter, driver_tag, end_run, fail_stale_runs, finish_run,
+                                   log_model, real_uri, redact_uri, scrub, secret_env, start_run)
 
 DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (DESIGN §7)
 
@@ -30,7 +36,7 @@ LOOPBACK = "127.0.0.1"
 LOCAL_HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll interval on a local cluster (Ray: 2 s)
 
 
-def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, str] | None = None) -> None:
     """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one bound to loopback.
 
     Joining a cluster: the user's ``RAY_AUTH_MODE`` and token are used as they are (never forced off).
@@ -41,7 +47,9 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     defaults to ``disabled`` for this loopback-only cluster (DESIGN §7: explicit, so behaviour doesn't flip
     once ``~/.ray/auth_token`` exists); a user's setting wins. So does ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``,
     off by default here (no spot nodes on a loopback cluster), and ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 0.5 s
-    here instead of Ray's 2 s (a finished or lost worker is noticed sooner).
+    here instead of Ray's 2 s (a finished or lost worker is noticed sooner). ``env``: variables every process
+    of this job gets (a credentialed tracking URI): inherited by a local cluster's processes, the job's
+    runtime env on a joined cluster; never a file.
 
     The dashboard runs (on loopback) because Ray Train's placement-group cleaner asks its state API
     whether the training controller is alive; ``RAY_API_SERVER_ADDRESS`` names it, since with several Ray
@@ -59,8 +67,10 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
             # A cluster on this host's loopback (`ray start --node-ip-address 127.0.0.1`, or another raylsm):
             # this driver's node address must stay 127.0.0.1 too, or it waits on a GCS address nothing serves.
             _keep_loopback_node_address()
-        ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO)
+        ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO,
+                 runtime_env={"env_vars": dict(env)} if env else None)
         return
+    os.environ.update(env or {})  # the raylet and every worker it starts inherit this process's environment
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray Train's preemption watcher polls for spot-node preemption notices, which a one-node loopback
@@ -196,6 +206,64 @@ def check_storage(storage: str) -> Path:
     return path
 
 
+def check_run_name(name: str, option: str = "--name") -> str:
+    """A run or search name is one plain path component: it cannot point outside ``--storage``."""
+    if not name:
+        return name
+    bad = ("/" in name or "\\" in name or name in (".", "..") or name.startswith("~") or "\0" in name
+           or os.path.isabs(name) or name != name.strip())
+    if bad:
+        raise ConfigError(f"{option} {name!r}: must be a plain name (no '/', not '.' or '..', not absolute), "
+                          "so that it stays inside --storage")
+    return name
+
+
+def check_resume_from(job: JobConfig, vocab: Vocab) -> None:
+    """``--resume-from`` must be a raylsm checkpoint whose tables fit the dataset (checked before Ray starts)."""
+    if not job.resume_from:
+        return
+    from raylsm.train.loop import check_checkpoint
+
+    meta = check_checkpoint(job.resume_from, "--resume-from")
+    theirs = meta["vocab"]
+    for key, ours in {**{k: getattr(vocab, k) for k in ("item", "cate", "ctx", "gap", "user")},
+                      **{f"profile.{k}": v for k, v in vocab.profile.items()}}.items():
+        value = theirs["profile"].get(key[8:]) if key.startswith("profile.") else theirs[key]
+        if value != ours:
+            raise ConfigError(f"--resume-from {job.resume_from}: vocab.{key} is {value} there but {ours} in the "
+                              f"dataset {job.data.path}")
+    if set(theirs["profile"]) != set(vocab.profile):
+        raise ConfigError(f"--resume-from {job.resume_from}: profile fields {sorted(theirs['profile'])} differ from the "
+                          f"dataset's {sorted(vocab.profile)}")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP do what Ctrl-C does (the SIGINT handler in force runs: Ray Train's
+    graceful abort during ``fit``, Tune's stop, else KeyboardInterrupt), so the run ends KILLED with its
+    checkpoints whole. Installed after Ray starts (``ray.init`` sets its own SIGTERM handler); main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def as_interrupt(signum, frame) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, as_interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: str | None, tracking_uri: str,
                   callbacks=None, plan: SplitPlan | None = None):
     """The TorchTrainer for ``job``: datasets streamed by Ray Data, best-N checkpoints by validation AUC."""
@@ -231,7 +299,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
             "job": job_to_dict(job),
             "vocab": vocab.__dict__,
             "mlflow_run_id": mlflow_run_id,
-            "tracking_uri": tracking_uri,
+            "tracking_uri": redact_uri(tracking_uri),  # workers get the credentials from their environment
             "has_val": plan.val is not None,
             "first_batch_file": os.environ.get(_FIRST_BATCH_FILE),  # `raylsm bench startup` only
         },
@@ -248,6 +316,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
             ),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": secret_env(tracking_uri)} if secret_env(tracking_uri) else None,
         ),
         datasets=datasets,
     )
@@ -271,8 +340,10 @@ def preflight(job: JobConfig, validated: bool = False, check_tracking: bool = Tr
     from raylsm.train.tracking import check_store
 
     # DESIGN §2: the whole dataset is validated before anything starts.
+    check_run_name(job.name)
     manifest = read_manifest(job.data.path) if validated else validate_dataset(job.data.path)
     plan = plan_splits(job.data.path, manifest, job.data.val_fraction)
+    check_resume_from(job, Vocab.from_manifest(manifest))
     check_storage(job.storage)
     check_local_gpus(job)
     if not validated:
@@ -281,7 +352,7 @@ def preflight(job: JobConfig, validated: bool = False, check_tracking: bool = Tr
             check_cluster_gpus(job)
         elif not os.environ.get("RAY_ADDRESS"):
             check_cpu_budget(job, local_cpus())  # the local cluster's size is known before it starts
-    tracking_uri = job.mlflow.tracking_uri or default_tracking_uri()
+    tracking_uri = real_uri(job.mlflow.tracking_uri or default_tracking_uri())
     if check_tracking:
         check_store(tracking_uri)
     return manifest, plan, tracking_uri
@@ -301,13 +372,13 @@ def start_ray_checking_store(tracking_uri: str) -> None:
         store.result()  # TrackingError: one line naming --tracking-uri
 
 
-def _join_record(writer: RecordWriter, timeout: float = 300.0) -> None:
+def _join_record(writer: RecordWriter, timeout: float = 300.0, uri: str = "") -> None:
     """Wait for the run's record; a part the store refused is named in one line (the training result stands)."""
     try:
         writer.join(timeout)
     except Exception as e:
-        print(f"raylsm: MLflow run record incomplete ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})",
-              file=sys.stderr)
+        reason = scrub((str(e).splitlines() or [""])[0][:200], uri)
+        print(f"raylsm: MLflow run record incomplete ({type(e).__name__}: {reason})", file=sys.stderr)
 
 
 def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=None,
@@ -318,19 +389,35 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
     MLflow. The run ends FINISHED, FAILED (training raised) or KILLED (Ctrl-C / the tuner stopped it).
     """
     manifest, plan, tracking_uri = preflight(job, validated, check_tracking=False)
+    # From here on the job holds the redacted URI only (it reaches the workers, checkpoints and MLflow);
+    # the credentialed one stays in this process's memory and the workers' environment.
+    job = dataclasses.replace(job, mlflow=dataclasses.replace(job.mlflow, tracking_uri=redact_uri(job.mlflow.tracking_uri)))
     vocab = Vocab.from_manifest(manifest)
     start_ray_checking_store(tracking_uri)
+    with stop_signals_interrupt():
+        return _train(job, manifest, plan, vocab, tracking_uri, parent_run_id, callbacks, extra_tags)
+
+
+def _train(job: JobConfig, manifest, plan: SplitPlan, vocab: Vocab, tracking_uri: str, parent_run_id: str | None,
+           callbacks, extra_tags: dict[str, str] | None) -> dict:
+    """:func:`run_training` once Ray is up: the MLflow run opened, the trainer fitted, the run closed."""
     check_cpu_budget(job)
     check_cluster_gpus(job)
     run_name = job.name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = str(check_storage(job.storage))
+    run_path = f"{storage.rstrip('/')}/{run_name}"
+    if job.name:  # a rerun of this name resumes: a run its killed driver left RUNNING is closed first
+        fail_stale_runs(tracking_uri, job.mlflow.experiment,
+                        lambda r: r.data.tags.get("raylsm.ray_run_path") == run_path,
+                        f"its driver ended without closing it (killed?); marked FAILED when {run_name} started again "
+                        f"at {time.strftime('%Y-%m-%d %H:%M:%S')}")
     mlflow_run_id, record = start_run(
         tracking_uri,
         job,
         manifest,
         run_name=job.mlflow.run_name or run_name,
-        tags={"raylsm.ray_run_path": f"{storage.rstrip('/')}/{run_name}", "raylsm.validation": plan.how,
-              **(extra_tags or {})},
+        tags={"raylsm.ray_run_path": run_path, "raylsm.validation": plan.how,
+              DRIVER_TAG: driver_tag(), **(extra_tags or {})},
         parent_run_id=parent_run_id,
     )
     shards = list_shards(job.data.path)
@@ -338,7 +425,7 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
     try:
         trainer = build_trainer(job, vocab, run_name, mlflow_run_id, tracking_uri, callbacks, plan)
         result = trainer.fit()
-        _join_record(writer)
+        _join_record(writer, uri=tracking_uri)
         if result.error is not None:
             raise result.error
         score = "val_auc" if plan.val is not None else "epoch"
@@ -353,11 +440,11 @@ def run_training(job: JobConfig, parent_run_id: str | None = None, callbacks=Non
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C during fit() reaches Ray Train's own SIGINT handler, which aborts the run and calls
         # sys.exit(0) (SystemExit, not KeyboardInterrupt): both are the user stopping the run.
-        _join_record(writer, timeout=30)
+        _join_record(writer, timeout=30, uri=tracking_uri)
         end_run(tracking_uri, mlflow_run_id, "KILLED")
         raise KeyboardInterrupt from None
     except BaseException:
-        _join_record(writer, timeout=30)
+        _join_record(writer, timeout=30, uri=tracking_uri)
         end_run(tracking_uri, mlflow_run_id, "FAILED")
         gone = shards_gone(shards)  # a shard deleted mid-run: name it, not Ray's wrapped read error
         if gone is not None:

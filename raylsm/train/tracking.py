@@ -32,10 +32,55 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used."""
 
 
-def _client(tracking_uri: str):
+# The full tracking URI when it carries credentials: processes get it from their environment (the Ray
+# workers through their runtime env), so that jobs, configs and checkpoints only ever hold the redacted one.
+SECRET_URI_ENV = "RAYLSM_TRACKING_URI"
+
+
+def has_secret(uri: str) -> bool:
+    """Whether ``uri`` carries anything :func:`redact_uri` removes (userinfo, query values, a fragment)."""
+    return redact_uri(uri) != uri
+
+
+def secret_env(uri: str) -> dict[str, str]:
+    """The environment that lets another process turn the redacted ``uri`` back into the real one ({} if none needed)."""
+    return {SECRET_URI_ENV: uri} if has_secret(uri) else {}
+
+
+def real_uri(uri: str) -> str:
+    """The URI to connect with: ``uri`` itself, or the credentialed one in the environment whose redaction it is."""
+    if not uri or has_secret(uri):
+        return uri
+    full = os.environ.get(SECRET_URI_ENV, "")
+    return full if full and redact_uri(full) == uri else uri
+
+
+def scrub(text: str, uri: str) -> str:
+    """``text`` with every secret part of ``uri`` (password, user, query values, fragment) replaced by ``***``."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        secrets = [parts.password, parts.username, parts.fragment, *(v for _, v in parse_qsl(parts.query))]
+    except ValueError:
+        return text
+    for secret in sorted({s for s in secrets if s and len(s) > 2}, key=len, reverse=True):
+        for form in {secret, unquote(secret)}:
+            text = text.replace(form, "***")
+    return text
+
+
+def client(tracking_uri: str):
+    """An ``MlflowClient`` for ``tracking_uri`` (redacted or not); a credentialed URI is never printed by MLflow."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    uri = real_uri(tracking_uri)
+    if has_secret(uri):
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # its "View run at <uri>" line
+    return MlflowClient(tracking_uri=uri)
+
+
+_client = client
 
 
 def check_store(tracking_uri: str) -> None:
@@ -46,6 +91,7 @@ def check_store(tracking_uri: str) -> None:
         _client(tracking_uri).search_experiments(max_results=1)
     except Exception as e:  # any failure here means training must not start
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = scrub(first, real_uri(tracking_uri))
         raise TrackingError(f"--tracking-uri {redact_uri(tracking_uri)}: MLflow tracking store unreachable ({first[:200]})") from None
 
 
@@ -68,19 +114,35 @@ def experiment_id(tracking_uri: str, name: str) -> str:
 
 
 def redact_uri(uri: str) -> str:
-    """``scheme://user:secret@host/...`` -> ``scheme://***@host/...``: no credentials in params or output."""
-    from urllib.parse import urlsplit, urlunsplit
+    """No credentials in params, files or output: userinfo -> ``***@``, every query value -> ``***``, no fragment.
 
+    ``https://alice:pw@host:5000/api?token=t&x=1#f`` -> ``https://***@host:5000/api?token=***&x=***``.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    if not uri:
+        return uri
     try:
         parts = urlsplit(uri)
-    except ValueError:
+        port = parts.port
+    except ValueError:  # not parseable as a URL: nothing of it is shown
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"***@{host}{f':{port}' if port else ''}"
+    query = parts.query
+    if query:
+        query = urlencode([(k, "***") for k, _ in parse_qsl(query, keep_blank_values=True)], safe="*")
+        query = query or "***"
+    if netloc == parts.netloc and query == parts.query and "#" not in uri:
         return uri
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    base = uri.split("#", 1)[0].split("?", 1)[0]  # urlunsplit would turn sqlite://// into sqlite://
+    if netloc != parts.netloc:
+        base = base.replace(parts.netloc, netloc, 1)  # the first occurrence is the one after "scheme://"
+    return base + (f"?{query}" if query else "")
 
 
 def used_config(job) -> dict[str, Any]:
@@ -225,13 +287,14 @@ def start_system_metrics(tracking_uri: str, run_id: str, interval: float = 10.0)
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        client(tracking_uri)  # no URL printed for a credentialed store
         monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
-                                       tracking_uri=tracking_uri)
+                                       tracking_uri=real_uri(tracking_uri))
         monitor.start()
         return monitor
     except Exception as e:  # psutil missing or the store refused: training goes on, the user is told once
-        print(f"raylsm: system metrics not logged ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
-              file=sys.stderr)
+        reason = scrub(str(e).splitlines()[0][:120] if str(e) else "", real_uri(tracking_uri))
+        print(f"raylsm: system metrics not logged ({type(e).__name__}: {reason})", file=sys.stderr)
         return None
 
 
@@ -245,7 +308,11 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], s
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)  # NaN is logged as NaN, never dropped
     ]
-    _client(tracking_uri).log_batch(run_id, metrics=batch)
+    try:
+        _client(tracking_uri).log_batch(run_id, metrics=batch)
+    except Exception as e:  # the store's message may quote the URI: re-raised without its secret
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrackingError(scrub(first, real_uri(tracking_uri))) from None
 
 
 def input_example(job, manifest, rows: int = 3):
@@ -280,7 +347,8 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str, job, manifest
     spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
     signature = infer_signature(example, score_frame(model.eval(), spec, example))
     package = Path(raylsm.__file__).resolve().parent
-    mlflow.set_tracking_uri(tracking_uri)
+    client(tracking_uri)  # no URL printed for a credentialed store
+    mlflow.set_tracking_uri(real_uri(tracking_uri))
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about type hints and integer columns
         info = mlflow.pyfunc.log_model(
@@ -362,3 +430,48 @@ def finish_parent_run(tracking_uri: str, run_id: str, summary: dict, table: list
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     """Close the run as FINISHED / FAILED / KILLED."""
     _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+# ----------------------------------------------------------------------------- runs whose driver died
+
+NOTE_TAG = "raylsm.note"
+DRIVER_TAG = "raylsm.driver"  # host:pid of the process that opened the run
+
+
+def driver_tag() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def driver_alive(tag: str) -> bool:
+    """Whether the process a ``raylsm.driver`` tag names still runs (on another host: assumed gone)."""
+    import socket
+
+    host, _, pid = (tag or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process holds that pid now: not the driver
+        return False
+    return True
+
+
+def fail_stale_runs(tracking_uri: str, experiment: str, match: Callable[[Any], bool], note: str) -> list[str]:
+    """Mark FAILED, with ``note`` in ``raylsm.note``, every RUNNING run of ``experiment`` that ``match`` selects
+    and whose driver is gone (killed with SIGKILL, its host lost): nothing else would ever end it."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    failed = []
+    for run in c.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        if not match(run) or driver_alive(run.data.tags.get(DRIVER_TAG, "")):
+            continue
+        c.set_tag(run.info.run_id, NOTE_TAG, note)
+        c.set_terminated(run.info.run_id, status="FAILED")
+        failed.append(run.info.run_id)
+    return failed

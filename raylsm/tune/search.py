@@ -130,9 +130,9 @@ def tune_trial(config: dict, *, space_path: str, searcher: str, overrides: list[
 
 def finished_trial_epochs(tracking_uri: str, parent_run_id: str, trial_id: str) -> list[dict[str, float]]:
     """The per-epoch metrics, in epoch order, of ``trial_id``'s child run when it already FINISHED; else []."""
-    from mlflow.tracking import MlflowClient
+    from raylsm.train.tracking import client as mlflow_client
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment = client.get_run(parent_run_id).info.experiment_id
     runs = [r for r in _children(client, experiment, parent_run_id)
             if r.data.tags.get("raylsm.trial_id") == trial_id and r.info.status == "FINISHED"]
@@ -198,14 +198,17 @@ def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str
     the search was interrupted before the trial ended). A child still RUNNING whose trial Tune
     terminated was stopped by the scheduler: ASHA kills the trial's trainer, which cannot end its run.
     """
-    from mlflow.tracking import MlflowClient
+    from raylsm.train.tracking import NOTE_TAG
+    from raylsm.train.tracking import client as mlflow_client
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     out = {}
     for run in _children(client, experiment_id, parent_run_id):
         status = run.info.status
         trial = tune_status.get(run.data.tags.get("raylsm.trial_id", ""), "")
-        if status == "RUNNING" or (status == "FAILED" and trial == "TERMINATED"):
+        if NOTE_TAG in run.data.tags and status == "FAILED":  # closed when its dead driver's search resumed
+            tag = "interrupted"
+        elif status == "RUNNING" or (status == "FAILED" and trial == "TERMINATED"):
             # A trial Tune terminated whose run did not finish was stopped by the scheduler: its trainer
             # was killed (run left RUNNING) or its fit() was aborted mid-epoch (run ended FAILED).
             tag = {"TERMINATED": "stopped_by_scheduler", "ERROR": "failed"}.get(trial, "interrupted")
@@ -263,8 +266,10 @@ def _search_dir(storage: Path, space: Space, name: str | None, resume: bool) -> 
 
 def run_search(req: SearchRequest) -> dict:
     """Run (or resume) a search; return the JSON-able summary printed as the last stdout line."""
-    from raylsm.train.run import check_storage, ensure_ray, preflight
+    from raylsm.train.run import check_run_name, check_storage, ensure_ray, preflight, stop_signals_interrupt
+    from raylsm.train.tracking import redact_uri, secret_env
 
+    check_run_name(req.name or "")
     space = load_space(req.space, req.searcher, req.overrides)  # before any Ray work
     f = space.file
     searcher = req.searcher or f.searcher.kind
@@ -282,9 +287,24 @@ def run_search(req: SearchRequest) -> dict:
     if not req.resume and state_path.is_file():
         raise ConfigError(f"--name {name}: a search of that name exists under {storage}; add --resume or pick another name")
     manifest, _, tracking_uri = preflight(probe)
+    # Trials see the redacted URI only (it is in every trial's job); the credentialed one reaches their
+    # processes through the environment.
+    flags = {**flags, "mlflow.tracking_uri": redact_uri(req.tracking_uri) if req.tracking_uri else None}
+    probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, req.overrides, flags)
 
-    ensure_ray(quiet=True)  # progress is the per-epoch [tune] lines; Ray's chatter and Ray Data bars stay off
+    # Progress is the per-epoch [tune] lines; Ray's chatter and Ray Data bars stay off.
+    ensure_ray(quiet=True, env=secret_env(tracking_uri))
+    with stop_signals_interrupt():
+        return _search(req, space, searcher, trials, concurrency, flags, probe, storage, name, search_dir, state_path,
+                       manifest, tracking_uri)
+
+
+def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concurrency: int, flags: dict, probe,
+            storage: Path, name: str, search_dir: Path, state_path: Path, manifest, tracking_uri: str) -> dict:
+    """:func:`run_search` once Ray is up: the parent run opened (or reopened), the trials fitted, the record closed."""
     import ray
+
+    f = space.file
 
     overrides = list(req.overrides)
     overrides += fit_resources(space, req, probe, concurrency, ray.cluster_resources().get("CPU", 0.0))
@@ -293,20 +313,21 @@ def run_search(req: SearchRequest) -> dict:
 
     check_cluster_gpus(probe)
 
-    from mlflow.tracking import MlflowClient
+    from raylsm.train.tracking import DRIVER_TAG, client as mlflow_client, driver_tag, experiment_id, start_parent_run
 
-    from raylsm.train.tracking import experiment_id, start_parent_run
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp_id = experiment_id(tracking_uri, probe.mlflow.experiment)
     settings = space.settings(searcher, trials, concurrency)
     if req.resume:
         state = json.loads(state_path.read_text())
         parent_run_id = state["parent_run_id"]
+        fail_stale_search(tracking_uri, probe.mlflow.experiment, parent_run_id, name)
         client.update_run(parent_run_id, status="RUNNING")
+        client.set_tag(parent_run_id, DRIVER_TAG, driver_tag())
         print(f"raylsm tune: resuming {name} (MLflow parent run {parent_run_id})", file=sys.stderr)
     else:
         parent_run_id = start_parent_run(tracking_uri, probe, manifest, name, settings, describe(space), space.path)
+        client.set_tag(parent_run_id, DRIVER_TAG, driver_tag())
         search_dir.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps({"parent_run_id": parent_run_id, "space": str(space.path.resolve()),
                                           "settings": settings}, indent=2))
@@ -339,6 +360,24 @@ def run_search(req: SearchRequest) -> dict:
         client.set_terminated(parent_run_id, status="FINISHED")
     summary.update(parent_run_id=parent_run_id, storage=str(search_dir), name=name, tracking_uri=_redact(tracking_uri))
     return summary
+
+
+def fail_stale_search(tracking_uri: str, experiment: str, parent_run_id: str, name: str) -> list[str]:
+    """Before a search resumes: a parent and children that a killed driver left RUNNING are marked FAILED with a
+    ``raylsm.note`` (the parent is then reopened); a parent whose driver still runs is left alone."""
+    from raylsm.train.tracking import DRIVER_TAG, NOTE_TAG, client as mlflow_client, driver_alive, fail_stale_runs
+
+    parent = mlflow_client(tracking_uri).get_run(parent_run_id)
+    if parent.info.status == "RUNNING" and driver_alive(parent.data.tags.get(DRIVER_TAG, "")):
+        raise ConfigError(f"--name {name}: that search is still running (driver {parent.data.tags[DRIVER_TAG]})")
+    note = (f"its driver ended without closing it (killed?); marked FAILED when search {name} resumed at "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    failed = fail_stale_runs(tracking_uri, experiment, lambda r: r.info.run_id == parent_run_id, note)
+    failed += fail_stale_runs(tracking_uri, experiment,
+                              lambda r: r.data.tags.get("mlflow.parentRunId") == parent_run_id, note)
+    if failed and NOTE_TAG not in mlflow_client(tracking_uri).get_run(parent_run_id).data.tags:
+        mlflow_client(tracking_uri).set_tag(parent_run_id, NOTE_TAG, f"resumed; {len(failed)} run(s) of a killed driver marked FAILED")
+    return failed
 
 
 def _redact(uri: str) -> str:
