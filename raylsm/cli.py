@@ -151,6 +151,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from raylsm.tune.search import SearchRequest, run_search
 
+    for flag, value in (("--trials", args.trials), ("--concurrency", args.concurrency)):
+        if value is not None and value < 1:  # not "unset": 0 would silently become the space file's value
+            raise UserError(f"{flag}: must be >= 1, got {value}")
     req = SearchRequest(space=args.space, data=args.data, trials=args.trials, concurrency=args.concurrency,
                         workers_per_trial=args.workers_per_trial, gpu=args.gpu, searcher=args.searcher,
                         overrides=args.overrides, experiment=args.experiment, tracking_uri=args.tracking_uri,

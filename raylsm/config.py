@@ -2,7 +2,9 @@
 
 Every config is a tree of dataclasses. :func:`from_dict` builds one from plain
 data (YAML, JSON) and raises :class:`ConfigError` naming the dotted key for an
-unknown key or a value of the wrong type; :func:`apply_overrides` applies
+unknown key, a value of the wrong type or outside its ``Literal``, a non-finite float
+(NaN, ±inf) or a negative int (unless the field's metadata has ``signed: True``, see
+:data:`SIGNED`); :func:`apply_overrides` applies
 ``--set a.b.c=value`` strings (values parsed as YAML scalars); :func:`flatten`
 gives the dotted ``{key: value}`` view logged as MLflow params.
 """
@@ -10,6 +12,7 @@ gives the dotted ``{key: value}`` view logged as MLflow params.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -24,7 +27,12 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the dotted key."""
 
 
-def _check_scalar(value: Any, tp: Any, key: str) -> Any:
+# Field metadata of an int key whose negative values mean something (e.g. -1 = unlimited):
+# ``x: int = field(default=0, metadata=SIGNED)``. Every other int key is a count, size or seed: >= 0.
+SIGNED = {"signed": True}
+
+
+def _check_scalar(value: Any, tp: Any, key: str, signed: bool = False) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -35,7 +43,7 @@ def _check_scalar(value: Any, tp: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _check_scalar(value, a, key)
+                return _check_scalar(value, a, key, signed)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
@@ -47,7 +55,7 @@ def _check_scalar(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: must be a list, got {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)
-        items = [_check_scalar(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_check_scalar(v, inner, f"{key}[{i}]", signed) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -64,11 +72,19 @@ def _check_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        if value < 0 and not signed:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a string, got {value!r}")
@@ -94,7 +110,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _check_scalar(value, hints[name], key)
+        kwargs[name] = _check_scalar(value, hints[name], key, bool(fields[name].metadata.get("signed")))
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):

@@ -144,9 +144,8 @@ def test_activation_none_is_eq5_as_printed_and_dirac_init_starts_at_the_input():
     torch.testing.assert_close(cr[mask], window_mean[mask])
     for key, value, match in (("activation", "tanh", "context.activation"), ("init", "zeros", "context.init"),
                               ("init_noise", -1.0, "context.init_noise")):
-        bad = ContextConfig(**{key: value})
         with pytest.raises(ConfigError, match=match):
-            bad.validate()
+            preset_config("cain", {"context": {key: value}})
 
 
 # ----------------------------------------------------------------------------- padding

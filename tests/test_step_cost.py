@@ -263,7 +263,7 @@ def test_depthwise_peg_shapes_parameters_and_init_scale():
     gen = FilterGenerator(p, h, 0, c, c, k)  # default: the paper's full filter
     assert gen.shape == (c, c, k)
     with pytest.raises(ConfigError, match="peg.filters"):
-        PEGConfig(enabled=True, filters="grouped").validate()
+        preset_config("cain", {"peg": {"filters": "grouped"}})
 
 
 def test_depthwise_peg_encoder_trains_and_the_preset_is_small():

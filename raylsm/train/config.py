@@ -70,7 +70,7 @@ class TrainConfig:
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction (e.g. 0.5) lets trials share a GPU
     cpus_per_worker: float = 1.0
     bf16: bool = False  # bf16 autocast on GPU
-    max_failures: int = 0
+    max_failures: int = field(default=0, metadata={"signed": True})  # -1 = retry forever
     keep_checkpoints: int = 2  # best N by validation AUC (the latest N without a validation split)
     early_stop_patience: int = 0  # stop after N epochs without a better validation AUC; 0 = off
     shuffle_buffer: int = 0  # local shuffle buffer (rows) per worker on top of the in-task shuffle; 0 = off

@@ -24,6 +24,7 @@ from raylsm.data.collate import CollateSpec
 from raylsm.data.contract import list_shards, shards_gone, validate_dataset
 from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
+from raylsm.storage import make_private_dir
 from raylsm.train.config import JobConfig, default_tracking_uri, job_to_dict
 from raylsm.train.loop import _FIRST_BATCH_FILE, train_loop_per_worker
 from raylsm.train.tracking import (DRIVER_TAG, RecordWriter, driver_tag, end_run, fail_stale_runs, finish_run,
@@ -196,7 +197,7 @@ def check_storage(storage: str) -> Path:
         return path
     try:
         path = path.resolve()
-        path.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path)  # what it creates is owner-only (docs/security.md)
         probe = path / f".raylsm-write-check-{os.getpid()}"
         probe.write_text("")
         probe.unlink()

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from raylsm.config import ConfigError
+from raylsm.storage import check_trusted_dir, make_private_dir
 from raylsm.train.config import default_tracking_uri
 from raylsm.tune.space import EPOCH_METRICS, Space, describe, load_space, trial_job
 
@@ -284,6 +285,8 @@ def run_search(req: SearchRequest) -> dict:
     state_path = search_dir / STATE_FILE
     if req.resume and not state_path.is_file():
         raise ConfigError(f"--resume: {search_dir} holds no search to resume")
+    if req.resume:
+        check_trusted_dir(search_dir, "--resume")  # Tuner.restore unpickles it (docs/security.md)
     if not req.resume and state_path.is_file():
         raise ConfigError(f"--name {name}: a search of that name exists under {storage}; add --resume or pick another name")
     manifest, _, tracking_uri = preflight(probe)
@@ -328,7 +331,7 @@ def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concur
     else:
         parent_run_id = start_parent_run(tracking_uri, probe, manifest, name, settings, describe(space), space.path)
         client.set_tag(parent_run_id, DRIVER_TAG, driver_tag())
-        search_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(search_dir)
         state_path.write_text(json.dumps({"parent_run_id": parent_run_id, "space": str(space.path.resolve()),
                                           "settings": settings}, indent=2))
     results, outcome = None, "FAILED"
