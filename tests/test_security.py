@@ -41,6 +41,7 @@ class InterruptedRun:
     stderr: str = ""
     tracking_uri: str = ""
     seconds_to_exit: float = 0.0
+    run_dir: Path | None = None  # the Ray Train run's storage folder (its checkpoints)
 
 
 def _tree(root: psutil.Process) -> list[psutil.Process]:
@@ -83,8 +84,8 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-def run_and_interrupt(tmp_path_factory) -> InterruptedRun:
-    """One ``raylsm train`` in a child process: watched while it trains, then stopped with SIGINT.
+def run_and_interrupt(tmp_path_factory, sig: int = signal.SIGINT) -> InterruptedRun:
+    """One ``raylsm train`` in a child process: watched while it trains, then stopped with ``sig`` (Ctrl-C's SIGINT).
 
     Behind the session fixture ``interrupted_run`` (tests/conftest.py): one run serves this file and test_faults."""
     tmp = tmp_path_factory.mktemp("interrupted")
@@ -97,7 +98,7 @@ def run_and_interrupt(tmp_path_factory) -> InterruptedRun:
         cmd += ["--set", kv]
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
-    run_dir = tmp / "runs" / "interrupted"
+    run_dir = out.run_dir = tmp / "runs" / "interrupted"
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
@@ -111,7 +112,7 @@ def run_and_interrupt(tmp_path_factory) -> InterruptedRun:
         out.names = [_name(p) for p in out.processes]
         out.listeners = _listening(out.processes)
         start = time.time()
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        proc.send_signal(sig)
         _, out.stderr = proc.communicate(timeout=120)
         out.seconds_to_exit = time.time() - start
         out.returncode = proc.returncode
@@ -318,3 +319,148 @@ def test_credentialed_tracking_uri_is_never_written_or_printed(tmp_path_factory)
     assert checkpoints and all("***@" in p.read_text() for p in checkpoints)
     assert list((tmp / "server-artifacts").rglob("MLmodel")) and (tmp / "server.db").is_file()  # the logged model
     assert _files_holding(tmp, SECRET.encode()) == [], "secret written to disk"
+
+
+# ----------------------------------------------------------------------------- names, --resume-from, crafted checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return small_world_dataset(tmp_path_factory.mktemp("crafted") / "synth", rows=1200)
+
+
+def _one_line(argv: list[str], capsys) -> tuple[int, str, float]:
+    """Run the CLI in process: the exit code, its only stderr line, the seconds it took; Ray never started."""
+    from raylsm.cli import main
+
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    start = time.perf_counter()
+    code = main(argv)
+    seconds = time.perf_counter() - start
+    assert ("ray" in sys.modules and sys.modules["ray"].is_initialized()) == ray_before, "Ray started"
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raylsm: error: "), captured.err[-2000:]
+    assert "Traceback" not in captured.err
+    return code, lines[0], seconds
+
+
+def _no_runs(db: Path) -> bool:
+    if not db.exists():
+        return True
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _checkpoint(directory: Path, data: Path) -> Path:
+    """A real checkpoint of a tiny ``din`` for ``data`` (no Ray), as a run would write it."""
+    from raylsm.data.contract import read_manifest
+    from raylsm.models import build_model
+    from raylsm.models.layers import Vocab
+    from raylsm.train.config import resolve_job
+    from raylsm.train.loop import build_optimizer, save_checkpoint
+
+    job = resolve_job(preset="din", overrides=[f"data.path={data}", "data.ll_len=40", "data.st_len=10",
+                                                "model.features.emb_dim=8", "model.head=[16]"])
+    vocab = Vocab.from_manifest(read_manifest(data))
+    model = build_model(job.model, vocab)
+    directory.mkdir(parents=True)
+    save_checkpoint(str(directory), model, build_optimizer(model, 1e-3), 0, job, vocab, {"epoch": 0})
+    return directory
+
+
+class _Payload:
+    """Unpickling this would run a command (it must never be unpickled)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoints_are_one_line_for_eval(tiny_data: Path, tmp_path: Path, capsys):
+    import shutil
+
+    import torch
+
+    good = _checkpoint(tmp_path / "good", tiny_data)
+    from raylsm.cli import main
+
+    assert main(["eval", "--checkpoint", str(good), "--data", str(tiny_data)]) == 0  # the untouched one scores
+    capsys.readouterr()
+
+    def crafted(name: str) -> Path:
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        return d
+
+    marker = tmp_path / "pwned"
+    pickle = crafted("pickle")
+    torch.save({"model": _Payload(marker), "epoch": 0}, pickle / "checkpoint.pt")
+    meta = json.loads((good / "job.json").read_text())
+
+    def with_meta(name: str, **change) -> Path:
+        d = crafted(name)
+        (d / "job.json").write_text(json.dumps({**meta, **change}) if change else "{not json")
+        return d
+
+    huge = with_meta("huge", vocab={**meta["vocab"], "item": 2**40})
+    bigger = with_meta("bigger", vocab={**meta["vocab"], "item": meta["vocab"]["item"] * 4})
+    cases = {
+        "pickle payload": (pickle, "checkpoint.pt refused by torch.load(weights_only=True)"),
+        "bad json": (with_meta("badjson"), "job.json: not valid JSON"),
+        "vocab beyond bound": (huge, "vocab.item must be an integer in [1, 2^31]"),
+        "table the weights do not match": (bigger, "but the job.json vocab and model ask for"),
+        "vocab not a number": (with_meta("strvocab", vocab={**meta["vocab"], "cate": "x"}), "vocab.cate must be an integer"),
+        "job of a wrong type": (with_meta("badjob", job={**meta["job"], "train": {"lr": "fast"}}), "train.lr: must be a number"),
+        "no job.json": (crafted("nometa"), "no job.json"),
+        "not a directory": (tmp_path / "missing", "no such directory"),
+    }
+    (tmp_path / "nometa" / "job.json").unlink()
+    for case, (directory, expected) in cases.items():
+        code, line, seconds = _one_line(["eval", "--checkpoint", str(directory), "--data", str(tiny_data)], capsys)
+        assert code == 2 and f"--checkpoint {directory}" in line and expected in line, (case, line)
+        assert seconds < 20, (case, seconds)
+    assert not marker.exists(), "the pickle payload ran"
+
+
+def test_run_names_cannot_escape_storage(tiny_data: Path, tmp_path: Path, capsys):
+    db = tmp_path / "mlflow.db"
+    common = ["--data", str(tiny_data), "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{db}"]
+    space = REPO / "tune_spaces" / "lcn.yaml"
+    for name in ("../x", "/tmp/abs", "a/b", "..", "."):
+        for argv in (["train", "--model", "din", *common, "--name", name],
+                     ["tune", "--space", str(space), *common, "--name", name]):
+            code, line, seconds = _one_line(argv, capsys)
+            assert code == 2 and f"--name {name!r}: must be a plain name" in line, line
+            assert seconds < 20
+    assert not (tmp_path / "x").exists() and not (tmp_path / "runs").exists()
+    assert _no_runs(db)
+
+
+def test_resume_from_is_checked_before_ray_and_mlflow(tiny_data: Path, tmp_path: Path, capsys):
+    good = _checkpoint(tmp_path / "good", tiny_data)
+    other = small_world_dataset(tmp_path / "other", rows=600, users=50)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(good, bad)
+    (bad / "job.json").write_text("[]")
+    db = tmp_path / "mlflow.db"
+    cases = {
+        tmp_path / "missing": "no such directory",
+        empty: "not a raylsm checkpoint (no checkpoint.pt)",
+        bad: "job.json: must be an object",
+    }
+    argv = ["train", "--model", "din", "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{db}"]
+    for directory, expected in cases.items():
+        code, line, _ = _one_line([*argv, "--data", str(tiny_data), "--resume-from", str(directory)], capsys)
+        assert code == 2 and line.startswith(f"raylsm: error: --resume-from {directory}") and expected in line, line
+    code, line, _ = _one_line([*argv, "--data", str(other), "--resume-from", str(good)], capsys)
+    assert code == 2 and f"--resume-from {good}: vocab." in line and "in the dataset" in line, line
+    assert _no_runs(db)
