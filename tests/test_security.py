@@ -464,3 +464,34 @@ def test_resume_from_is_checked_before_ray_and_mlflow(tiny_data: Path, tmp_path:
     code, line, _ = _one_line([*argv, "--data", str(other), "--resume-from", str(good)], capsys)
     assert code == 2 and f"--resume-from {good}: vocab." in line and "in the dataset" in line, line
     assert _no_runs(db)
+
+
+@pytest.mark.ray
+def test_tune_with_a_token_in_the_tracking_uri_writes_and_prints_no_token(tmp_path: Path):
+    """``raylsm tune`` with ``sqlite:///...?token=S3CRET`` (a query MLflow's SQL store accepts): the search and its
+    trial are recorded, and the token is in no file of the storage, the store or the artifacts, nor in the output."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    data = small_world_dataset(tmp_path / "synth", rows=1200)
+    fixed = {kv.split("=", 1)[0]: yaml.safe_load(kv.split("=", 1)[1]) for kv in TINY}
+    space = tmp_path / "tok.yaml"
+    space.write_text(yaml.safe_dump({
+        "base": "lcn", "metric": "val_auc", "mode": "max", "trials": 1, "concurrency": 1,
+        "searcher": {"kind": "grid", "seed": 0}, "scheduler": {"kind": "fifo"},
+        "fixed": {**fixed, "train.epochs": 1, "train.max_steps_per_epoch": 3}, "params": {"train.seed": {"grid": [0]}}}))
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}?token={SECRET}"
+    cmd = [sys.executable, "-m", "raylsm", "tune", "--space", str(space), "--data", str(data), "--storage",
+           str(tmp_path / "runs"), "--tracking-uri", uri, "--name", "tok"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert SECRET not in proc.stdout and SECRET not in proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tracking_uri"] == f"sqlite:///{db}?token=***"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    child = client.get_run(result["best"]["mlflow_run_id"])
+    assert child.info.status == "FINISHED" and client.get_metric_history(child.info.run_id, "train_loss")
+    assert child.data.params["mlflow.tracking_uri"] == result["tracking_uri"]
+    assert list((tmp_path / "runs" / "tok").rglob("job.json")) and (tmp_path / "mlartifacts").is_dir()
+    assert _files_holding(tmp_path, SECRET.encode()) == [], "secret written to disk"
