@@ -203,25 +203,38 @@ class ArrowCollate:
         return collate_table(table, self.spec)
 
 
+def _ts_filters(ts_range: tuple[int | None, int | None] | None) -> list[tuple] | None:
+    """``lo <= ts < hi`` as a pyarrow row filter (None when there is no bound)."""
+    if ts_range is None:
+        return None
+    lo, hi = ts_range
+    out = ([("ts", ">=", int(lo))] if lo is not None else []) + ([("ts", "<", int(hi))] if hi is not None else [])
+    return out or None
+
+
 def iter_local_batches(
     root: str | os.PathLike,
     split: str,
     spec: CollateSpec,
     batch_size: int,
     shuffle_seed: int | None = None,
+    ts_range: tuple[int | None, int | None] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """In-process reader (no Ray): stream a split's shards and yield collated batches.
 
     With ``shuffle_seed`` the shard order and the rows inside each shard are
-    permuted (a local shuffle, bounded by one shard's memory).
+    permuted (a local shuffle, bounded by one shard's memory). ``ts_range = (lo, hi)``
+    keeps the rows with ``lo <= ts < hi`` (None = unbounded), the validation time cut
+    of :func:`raylsm.data.splits.plan_splits`, pushed into the Parquet read.
     """
+    filters = _ts_filters(ts_range)
     files = shard_files(root, split)
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     if rng is not None:
         files = [files[i] for i in rng.permutation(len(files))]
     carry: pa.Table | None = None
     for path in files:
-        table = pq.read_table(path, columns=spec.columns, partitioning=None)
+        table = pq.read_table(path, columns=spec.columns, partitioning=None, filters=filters)
         if rng is not None:
             table = table.take(pa.array(rng.permutation(table.num_rows)))
         if carry is not None and carry.num_rows:

@@ -161,6 +161,12 @@ class LapConfig:
     # FSA (eqs. 11-13): per_item = FFN on each item's weighted value, then the mean over the K2
     # (eq. 13 read per item); per_head = eq. 11's one H_h per head, heads concatenated, one FFN.
     fsa: Literal["per_item", "per_head"] = "per_item"
+    # Gradient to the rankings. none = the top-K selections are integer indices and the level that ranks
+    # learns only from its own pooled output (the paper). msa = each selected item's score at the level
+    # below is added to its score at the level above (MSA: r^msa_k + r_k; FSA: s_hk + r^msa_k), so a
+    # level's attention weights depend on the lower level's scores and the loss trains the ranking of
+    # the items it kept (softmax(a + b) ∝ e^a · e^b: the levels' weights multiply, a cascade).
+    score_grad: Literal["none", "msa"] = "none"
 
     def validate(self) -> None:
         if self.csa_temperature <= 0:
@@ -302,6 +308,9 @@ class ModelConfig:
 
     lifelong: Literal["din", "sim_soft", "eta", "sdim", "twin", "lap"] = "lap"
     head: list[int] = field(default_factory=lambda: [256, 128])
+    # Short-term target attention over st_tgt and st_src: softmax = a weighted mean of the behaviours
+    # (the count of behaviours matching the candidate is lost); sum_scaled = raw scores as weights, / S.
+    short_term_pooling: Literal["softmax", "sum_scaled"] = "softmax"
     features: FeatureConfig = field(default_factory=FeatureConfig)
     din: DinConfig = field(default_factory=DinConfig)
     sim_soft: SimConfig = field(default_factory=SimConfig)

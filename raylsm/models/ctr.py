@@ -46,8 +46,8 @@ class CTRModel(nn.Module):
         self.cfg = cfg
         self.features = FeatureLayer(cfg.features, vocab)
         f = self.features
-        self.st_tgt_attention = DotTargetAttention(f.behaviour_dim, f.behaviour_dim)
-        self.st_src_attention = DotTargetAttention(f.behaviour_dim, f.behaviour_dim)
+        self.st_tgt_attention = DotTargetAttention(f.behaviour_dim, f.behaviour_dim, cfg.short_term_pooling)
+        self.st_src_attention = DotTargetAttention(f.behaviour_dim, f.behaviour_dim, cfg.short_term_pooling)
         self.context_encoder = build_context_encoder(
             cfg, in_dim=f.context_dim + (f.behaviour_dim if cfg.context.input == "all" else 0),
             query_dim=f.behaviour_dim, profile_dim=f.profile_dim,

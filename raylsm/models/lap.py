@@ -26,7 +26,9 @@ interest grows with how many behaviours match); ``sum_scaled`` = ``w = r / N`` w
 level's input length (L for CSA, K1 for MSA): the same count-keeping sum at O(1) size. Measured choices: README "Model readings".
 
 The output is ``[IR_CSA ‖ IR_MSA ‖ IR_FSA]`` (size ``Ds + d + H·d``), so every level
-receives gradient; the top-K selections are integer indices and carry none.
+receives gradient; the top-K selections are integer indices and carry none. With
+``score_grad = msa`` each kept item's score at the lower level is added to its score at the level
+above, so the upper levels' loss also trains the lower levels' rankings.
 Softmaxes and the eq. 13 mean run over valid (unpadded, selected) items only:
 padding is never selected nor weighted, a row with fewer than K real behaviours
 keeps fewer valid items, and an all-padding row yields zeros.
@@ -77,6 +79,7 @@ class LAP(nn.Module):
         super().__init__()
         self.k1, self.k2 = cfg.k1, cfg.k2
         self.pooling, self.fsa, self.csa_temperature = cfg.pooling, cfg.fsa, cfg.csa_temperature
+        self.score_grad = cfg.score_grad
         self.heads, self.att_dim = cfg.heads, cfg.att_dim
         d, hd, kv_dim = cfg.att_dim, cfg.heads * cfg.att_dim, seq_dim + ctx_dim
         # CSA: the inner product needs e^v in the behaviour space; identity when the sizes agree.
@@ -118,6 +121,8 @@ class LAP(nn.Module):
         # applied to the query and to the pooled vector, not to each of the K1 items (same values).
         q = self.msa_q(query) @ self.msa_k.weight  # W^K^T W^Q e^v  (B, Ds+Dc)
         r_msa = torch.bmm(kv1, q.unsqueeze(-1)).squeeze(-1) / math.sqrt(d)  # Eq. (9)  (B, K1)
+        if self.score_grad == "msa":
+            r_msa = r_msa + torch.gather(r, 1, idx1)  # + r_k of the kept items: the loss reaches CSA's ranking  (B, K1)
         w_msa = self._pool(r_msa, mask1)  # (B, K1)
         ir_msa = self.msa_v(torch.bmm(w_msa.unsqueeze(1), kv1).squeeze(1))  # Eq. (10)  (B, d)
         idx2, mask2 = topk_valid(r_msa, mask1, self.k2)  # positions among the K1: (B, K2), (B, K2)
@@ -128,6 +133,8 @@ class LAP(nn.Module):
         q_h = self.fsa_q(query).view(b, h, d)  # (B, H, d)
         q_k = torch.einsum("bhd,hdx->bhx", q_h, self.fsa_k.weight.view(h, d, -1))  # W^K_h^T Q_h  (B, H, Ds+Dc)
         s_fsa = torch.bmm(q_k, kv2.transpose(1, 2)) / math.sqrt(d)  # Q_h K_hk^T / √d  (B, H, K2)
+        if self.score_grad == "msa":
+            s_fsa = s_fsa + torch.gather(r_msa, 1, idx2).unsqueeze(1)  # + r^msa_k of the kept items  (B, H, K2)
         w_fsa = masked_softmax(s_fsa, mask2.unsqueeze(1))  # Eq. (11)  (B, H, K2)
         v_h = self.fsa_v(kv2).view(b, k2, h, d)  # V_hk  (B, K2, H, d)
         if self.fsa == "per_item":

@@ -149,17 +149,24 @@ class MultiHeadTargetAttention(nn.Module):
 class DotTargetAttention(nn.Module):
     """Single-head scaled dot-product target attention (used for the short-term interest).
 
-    The output is the softmax-weighted mean of the *unprojected* behaviours, so its size is ``key_dim``.
+    The output is the weighted sum of the *unprojected* behaviours, so its size is ``key_dim``.
+    ``pooling``: ``softmax`` = a weighted mean (how many behaviours match the candidate is lost);
+    ``sum_scaled`` = the raw scores as weights, divided by the sequence length S (DIN's unnormalised
+    sum: the interest grows with the number of matching behaviours, at O(1) size).
     """
 
-    def __init__(self, query_dim: int, key_dim: int):
+    def __init__(self, query_dim: int, key_dim: int, pooling: str = "softmax"):
         super().__init__()
         self.proj = nn.Linear(query_dim, key_dim, bias=False)
+        self.pooling = pooling
         self.out_dim = key_dim
 
     def forward(self, query: Tensor, seq: Tensor, mask: Tensor) -> Tensor:
         s = torch.bmm(seq, self.proj(query).unsqueeze(-1)).squeeze(-1) / math.sqrt(seq.shape[-1])  # (B, S)
-        w = masked_softmax(s, mask)
+        if self.pooling == "softmax":
+            w = masked_softmax(s, mask)
+        else:
+            w = s.masked_fill(~mask, 0.0) / s.shape[-1]  # (B, S)
         return torch.bmm(w.unsqueeze(1), seq).squeeze(1)  # (B, Dk)
 
 

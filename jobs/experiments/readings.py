@@ -1,0 +1,258 @@
+"""Every open reading against its alternatives, and every preset at its defaults, on three worlds.
+
+``python -m jobs.experiments.readings [--what readings|presets|all] [--worlds cross,single,decoy]
+[--seeds 3] [--size compact|large] [--only KEY ...] [--jobs 2] [--out runs/readings]``
+
+The three worlds are synthetic datasets that differ in structure, each made by ``raylsm data synth``
+with the flags in :data:`WORLDS` (written once under ``--out``):
+
+* ``cross``: two disjoint item spaces, the short-term bridge on (what CRP's cross-domain pairs use);
+* ``single``: one item space (CAIN's setting) and the context effect at its clearest (``--ctx-noise 1``):
+  the neighbours' engagement tells a liked interest from a decoy;
+* ``decoy``: cross-domain, a larger world, decoy sessions far more frequent than liked ones
+  (``--p-real 0.25 --p-decoy 0.55``): counting the matching behaviours misleads.
+
+Every cell is a ``fit_local`` run (in process, no Ray) with the validation cut, early stopping and the
+validation-chosen epoch of :func:`raylsm.train.loop.fit_local`; its test AUC/GAUC is the figure. A reading's
+row gives, per world, Δ test AUC of the alternative over the preset's default, mean ± sd over the seeds
+(paired by seed). ``presets`` gives each preset's test AUC mean ± sd per world, and the best
+single-feature baseline (a count of the candidate's category in one sequence) for reference.
+Cells are cached in ``<out>/cells.jsonl`` (a rerun only trains what is missing); they run ``--jobs`` at a
+time in subprocesses. The table is printed on stderr and written to ``<out>/<what>.md``; the last stdout
+line is the JSON with every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+WORLD_BASE = ["--users", "3000", "--rows", "46000", "--st-len", "20", "--shards", "4"]
+WORLDS: dict[str, list[str]] = {
+    "cross": ["--domains", "cross", "--interests", "16", "--cates-per-interest", "2", "--tgt-items", "2000",
+              "--src-items", "8000"],
+    "single": ["--domains", "single", "--interests", "16", "--cates-per-interest", "2", "--src-items", "8000",
+               "--ctx-noise", "1"],
+    "decoy": ["--domains", "cross", "--interests", "24", "--cates-per-interest", "3", "--tgt-items", "3000",
+              "--src-items", "12000", "--p-real", "0.25", "--p-decoy", "0.55", "--seed", "7"],
+}
+# Model and batch sizes of the two budgets (the papers' sizes are the presets' defaults).
+SIZES: dict[str, dict] = {
+    "compact": {"ll_len": 300, "set": ["model.features.emb_dim=16", "model.lap.k1=50", "model.lap.k2=20",
+                                       "model.sim_soft.k=50", "model.eta.k=50", "model.twin.k=50",
+                                       "train.batch_size=256", "data.st_len=20"]},
+    "large": {"ll_len": 500, "set": ["model.features.emb_dim=32", "model.lap.k1=100", "model.lap.k2=30",
+                                     "model.sim_soft.k=100", "model.eta.k=100", "model.twin.k=100",
+                                     "train.batch_size=256", "data.st_len=20"]},
+}
+PRESET_NAMES = ["lcn", "cain", "lap", "din", "sim_soft", "eta", "sdim", "twin"]
+# Each open reading: the preset it is measured on and the alternatives to its default value.
+READINGS: dict[str, tuple[str, list[str]]] = {
+    "model.lap.pooling": ("lap", ["softmax", "sum", "sum_scaled"]),
+    "model.lap.fsa": ("lap", ["per_item", "per_head"]),
+    "model.lap.score_grad": ("lap", ["none", "msa"]),
+    "model.features.emb_init": ("lap", ["xavier", "normal"]),
+    "train.lr": ("lap", ["0.001", "0.003"]),
+    "model.crp.tau": ("lcn", ["0.1", "0.92", "3.0"]),
+    "model.crp.weight": ("lcn", ["0.1", "0.89"]),
+    "model.crp.denominator": ("lcn", ["negatives", "with_positive"]),
+    "model.context.merge": ("cain", ["replace", "concat", "context"]),
+    "model.context.input": ("cain", ["all", "context"]),
+    "model.context.init": ("cain", ["xavier", "box"]),
+    "model.context.activation": ("cain", ["relu", "none"]),
+    "model.context.cl": ("cain", ["3", "7"]),
+    "model.peg.filters": ("cain", ["full", "depthwise"]),
+}
+CELL_SCRIPT = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+from raylsm.data.contract import read_manifest
+from raylsm.models.layers import Vocab
+from raylsm.train.config import resolve_job
+from raylsm.train.loop import chosen_epoch, fit_local
+job = resolve_job(preset=sys.argv[2], overrides=json.loads(sys.argv[3]))
+t = time.time()
+_, history = fit_local(job, Vocab.from_manifest(read_manifest(job.data.path)))
+best, last = chosen_epoch(history), history[-1]
+print(json.dumps({"auc": best["auc"], "gauc": best["gauc"], "val_auc": best.get("val_auc"), "best_epoch": best["epoch"],
+                  "epochs": len(history), "last_auc": last["auc"], "seconds": time.time() - t}))
+"""
+
+
+def make_world(out: Path, name: str, ll_len: int) -> Path:
+    """The world's dataset under ``out`` (generated once with ``raylsm data synth``)."""
+    path = out / f"{name}-ll{ll_len}"
+    if not (path / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "raylsm", "data", "synth", "--out", str(path), "--ll-len", str(ll_len),
+               *WORLD_BASE, *WORLDS[name], "--quiet"]
+        print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def run_cell(preset: str, overrides: list[str], threads: int) -> dict:
+    """Train one cell in a subprocess; its result dict."""
+    proc = subprocess.run([sys.executable, "-c", CELL_SCRIPT, str(threads), preset, json.dumps(overrides)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cell {preset} {overrides} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def single_feature_auc(path: Path, ll_len: int) -> dict[str, float]:
+    """Test AUC of each one-feature ranker: the count of the candidate's category in one sequence."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from raylsm.data.contract import shard_files
+    from raylsm.train.metrics import auc
+
+    out: dict[str, float] = {}
+    tables = [pq.read_table(f, partitioning=None) for f in shard_files(path, "test")]
+    import pyarrow as pa
+
+    t = pa.concat_tables(tables)
+    labels = t.column("label").to_numpy().astype(np.float64)
+    cand = t.column("item_cate").to_numpy()
+    for col in ("st_tgt_cates", "st_src_cates", "ll_cates"):
+        lists = t.column(col).combine_chunks()
+        if col == "ll_cates":  # the model's window: the most recent ll_len behaviours
+            lens = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+            lists = pc.list_slice(lists, 0, None)  # (kept whole; lists are at most the generator's ll_len)
+        flat = pc.list_flatten(lists).to_numpy()
+        parent = pc.list_parent_indices(lists).to_numpy()
+        hits = np.bincount(parent[flat == cand[parent]], minlength=len(cand)).astype(np.float64)
+        out[col.replace("_cates", "_count")] = auc(labels, hits)
+    return out
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _fmt(mean: float, sd: float, signed: bool = False) -> str:
+    return f"{mean:+.4f} ± {sd:.4f}" if signed else f"{mean:.4f} ± {sd:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.experiments.readings", description=__doc__.splitlines()[0])
+    p.add_argument("--what", choices=["readings", "presets", "all"], default="all")
+    p.add_argument("--worlds", default="cross,single,decoy")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--size", choices=sorted(SIZES), default="compact")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--only", action="append", default=[], help="readings keys or preset names to run (default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed for every cell (after the size's keys)")
+    p.add_argument("--jobs", type=int, default=2, help="cells trained at once (each with cores/jobs threads)")
+    p.add_argument("--out", default="runs/readings")
+    args = p.parse_args(argv)
+    worlds = [w.strip() for w in args.worlds.split(",") if w.strip()]
+    bad = [w for w in worlds if w not in WORLDS]
+    if bad or args.seeds < 1 or args.jobs < 1 or args.epochs < 1:
+        p.error(f"--worlds: unknown {bad} (choose from {', '.join(WORLDS)})" if bad else
+                "--seeds, --jobs and --epochs must be >= 1")
+    unknown = [k for k in args.only if k not in READINGS and k not in PRESET_NAMES]
+    if unknown:
+        p.error(f"--only: unknown {unknown} (readings: {', '.join(READINGS)}; presets: {', '.join(PRESET_NAMES)})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = SIZES[args.size]
+    paths = {w: make_world(out, w, size["ll_len"]) for w in worlds}
+
+    # The cells: (preset, extra overrides) x world x seed.
+    variants: list[tuple[str, tuple[str, ...]]] = []
+    if args.what in ("presets", "all"):
+        variants += [(name, ()) for name in PRESET_NAMES if not args.only or name in args.only]
+    if args.what in ("readings", "all"):
+        for key, (preset, values) in READINGS.items():
+            if args.only and key not in args.only:
+                continue
+            variants += [(preset, ())] + [(preset, (f"{key}={v}",)) for v in values]
+    variants = list(dict.fromkeys(variants))
+    cache_file = out / "cells.jsonl"
+    cache: dict[str, dict] = {}
+    if cache_file.is_file():
+        for line in cache_file.read_text().splitlines():
+            rec = json.loads(line)
+            cache[rec["key"]] = rec
+    cells = []
+    for preset, extra in variants:
+        for w in worlds:
+            for seed in range(args.seeds):
+                overrides = [*size["set"], f"data.path={paths[w]}", f"data.ll_len={size['ll_len']}",
+                             f"train.epochs={args.epochs}", *args.overrides, *extra, f"train.seed={seed}"]
+                key = json.dumps([args.size, preset, w, seed, list(args.overrides), list(extra), args.epochs])
+                cells.append((key, preset, w, seed, extra, overrides))
+    todo = [c for c in cells if c[0] not in cache]
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    print(f"{len(cells)} cells, {len(todo)} to train ({args.jobs} at a time, {threads} threads each)",
+          file=sys.stderr, flush=True)
+    done = 0
+    started = time.time()
+
+    def work(cell):
+        key, preset, w, seed, extra, overrides = cell
+        return cell, run_cell(preset, overrides, threads)
+
+    with ThreadPoolExecutor(args.jobs) as pool, cache_file.open("a") as sink:
+        for (key, preset, w, seed, extra, _), res in pool.map(work, todo):
+            rec = {"key": key, "preset": preset, "world": w, "seed": seed, "extra": list(extra), **res}
+            cache[key] = rec
+            sink.write(json.dumps(rec) + "\n")
+            sink.flush()
+            done += 1
+            print(f"[{done}/{len(todo)} {time.time() - started:.0f}s] {preset} {' '.join(extra) or '(defaults)'} "
+                  f"{w} seed {seed}: auc {res['auc']:.4f} (epoch {res['best_epoch']}, last {res['last_auc']:.4f})",
+                  file=sys.stderr, flush=True)
+
+    def aucs(preset: str, extra: tuple[str, ...], w: str) -> list[float]:
+        return [cache[c[0]]["auc"] for c in cells if c[1] == preset and c[4] == extra and c[2] == w]
+
+    report: dict = {"size": args.size, "seeds": args.seeds, "epochs": args.epochs, "worlds": {w: WORLDS[w] for w in worlds}}
+    lines: list[str] = []
+    if args.what in ("presets", "all"):
+        names = [n for n in PRESET_NAMES if not args.only or n in args.only]
+        lines += ["| preset | " + " | ".join(worlds) + " |", "|---" * (len(worlds) + 1) + "|"]
+        report["presets"] = {}
+        for n in names:
+            row = {w: _stats(aucs(n, (), w)) for w in worlds}
+            last = {w: _stats([cache[c[0]]["last_auc"] for c in cells if c[1] == n and not c[4] and c[2] == w])
+                    for w in worlds}
+            report["presets"][n] = {w: {"auc": row[w], "last_auc": last[w]} for w in worlds}
+            lines.append(f"| `{n}` | " + " | ".join(_fmt(*row[w]) for w in worlds) + " |")
+        base = {w: single_feature_auc(paths[w], size["ll_len"]) for w in worlds}
+        report["single_feature"] = base
+        lines.append("| best single feature | " + " | ".join(
+            f"{max(base[w].values()):.4f} ({max(base[w], key=base[w].get)})" for w in worlds) + " |")
+        lines.append("")
+    if args.what in ("readings", "all"):
+        lines += ["| reading | preset | " + " | ".join(f"Δ AUC {w}" for w in worlds) + " |",
+                  "|---|---" + "|---" * len(worlds) + "|"]
+        report["readings"] = {}
+        for key, (preset, values) in READINGS.items():
+            if args.only and key not in args.only:
+                continue
+            for v in values:
+                extra = (f"{key}={v}",)
+                deltas = {w: _stats(list(np.subtract(aucs(preset, extra, w), aucs(preset, (), w)))) for w in worlds}
+                report["readings"][f"{key}={v}"] = {"preset": preset, **{w: deltas[w] for w in worlds}}
+                lines.append(f"| `{key}={v}` | `{preset}` | " + " | ".join(_fmt(*deltas[w], signed=True) for w in worlds) + " |")
+    table = "\n".join(lines)
+    (out / f"{args.what}-{args.size}.md").write_text(table + "\n")
+    print("\n" + table, file=sys.stderr)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
