@@ -451,11 +451,17 @@ def test_resume_from_is_checked_before_ray_and_mlflow(tiny_data: Path, tmp_path:
 
     shutil.copytree(good, bad)
     (bad / "job.json").write_text("[]")
+    import torch
+
+    pickle = tmp_path / "pickle"
+    shutil.copytree(good, pickle)
+    torch.save({"model": _Payload(tmp_path / "pwned"), "epoch": 0}, pickle / "checkpoint.pt")
     db = tmp_path / "mlflow.db"
     cases = {
         tmp_path / "missing": "no such directory",
         empty: "not a raylsm checkpoint (no checkpoint.pt)",
         bad: "job.json: must be an object",
+        pickle: "checkpoint.pt refused by torch.load(weights_only=True)",
     }
     argv = ["train", "--model", "din", "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{db}"]
     for directory, expected in cases.items():
@@ -463,7 +469,7 @@ def test_resume_from_is_checked_before_ray_and_mlflow(tiny_data: Path, tmp_path:
         assert code == 2 and line.startswith(f"raylsm: error: --resume-from {directory}") and expected in line, line
     code, line, _ = _one_line([*argv, "--data", str(other), "--resume-from", str(good)], capsys)
     assert code == 2 and f"--resume-from {good}: vocab." in line and "in the dataset" in line, line
-    assert _no_runs(db)
+    assert _no_runs(db) and not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.ray

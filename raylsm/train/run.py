@@ -220,12 +220,12 @@ def check_run_name(name: str, option: str = "--name") -> str:
 
 
 def check_resume_from(job: JobConfig, vocab: Vocab) -> None:
-    """``--resume-from`` must be a raylsm checkpoint whose tables fit the dataset (checked before Ray starts)."""
+    """``--resume-from`` must be a raylsm checkpoint that loads and whose tables fit the dataset (before Ray starts)."""
     if not job.resume_from:
         return
-    from raylsm.train.loop import check_checkpoint
+    from raylsm.train.loop import load_checkpoint
 
-    meta = check_checkpoint(job.resume_from, "--resume-from")
+    _, meta = load_checkpoint(job.resume_from, option="--resume-from")  # weights-only: a pickle payload is refused here
     theirs = meta["vocab"]
     for key, ours in {**{k: getattr(vocab, k) for k in ("item", "cate", "ctx", "gap", "user")},
                       **{f"profile.{k}": v for k, v in vocab.profile.items()}}.items():
