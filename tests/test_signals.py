@@ -112,18 +112,21 @@ def test_sigterm_stops_train_like_ctrl_c(tmp_path_factory):
     run = run_and_interrupt(tmp_path_factory, signal.SIGTERM)
     assert run.returncode == 130, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    assert [line for line in run.stderr.splitlines() if line.startswith("raylsm:")] == ["raylsm: interrupted"]
+    # The driver's one line (Ray Data's progress bars on the same stream may run into it without a newline).
+    ours = [line[line.index("raylsm: "):] for line in run.stderr.splitlines() if "raylsm: " in line]
+    assert ours == ["raylsm: interrupted"], run.stderr[-3000:]
     runs = _all_runs(run.tracking_uri)
     assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
     _wait_for(lambda: not _alive(run.processes), 30, "the run's Ray processes to exit")
     assert len(run.processes) >= 4  # the driver, GCS, raylet, a training worker at least
-    from raylsm.train.loop import load_checkpoint
+    import torch
 
     kept = _registered_checkpoints(run.run_dir)
     assert kept, sorted(p.name for p in run.run_dir.iterdir())
-    for checkpoint in kept:  # whole: weights and job.json load
-        state, meta = load_checkpoint(str(checkpoint))
-        assert state["epoch"] == meta["epoch"]
+    for checkpoint in kept:  # whole: the weights load (weights only) and job.json parses, same epoch
+        state = torch.load(checkpoint / "checkpoint.pt", weights_only=True)
+        meta = json.loads((checkpoint / "job.json").read_text())
+        assert state["model"] and state["epoch"] == meta["epoch"]
 
 
 # ----------------------------------------------------------------------------- SIGKILL, then the same --name
