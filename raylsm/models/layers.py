@@ -197,7 +197,15 @@ class _IndexAddEmbedding(torch.autograd.Function):
 
 
 def embed(table: nn.Embedding, ids: Tensor) -> Tensor:
-    """``table(ids)``; on the CPU with gradients, through :class:`_IndexAddEmbedding` (same values, a cheaper backward)."""
+    """``table(ids)``; on the CPU with gradients, through :class:`_IndexAddEmbedding` (same values, a cheaper backward).
+
+    A table with ``sparse = True`` (``train.embedding_update = sparse``) gets a row-sparse gradient instead
+    (:func:`raylsm.models.sparse_embedding.sparse_embed`): the touched rows only, never the whole table.
+    """
+    if table.sparse:
+        from raylsm.models.sparse_embedding import sparse_embed
+
+        return sparse_embed(table, ids)
     w = table.weight
     if w.device.type == "cpu" and w.requires_grad and torch.is_grad_enabled() and table.padding_idx == 0:
         return _IndexAddEmbedding.apply(w, ids)

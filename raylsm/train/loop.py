@@ -36,6 +36,7 @@ from raylsm.models import build_model
 from raylsm.models.layers import Vocab
 from raylsm.train.config import JobConfig, job_to_dict
 from raylsm.train.metrics import evaluate_arrays, gather_arrays
+from raylsm.train.optim import build_optimizer  # noqa: F401 (re-exported)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 META_FILE = "job.json"
@@ -98,15 +99,6 @@ def train_epoch(
     seconds = time.perf_counter() - start
     denom = max(rows, 1)
     return EpochStats(float(loss_sum) / denom, float(crp_sum) / denom, rows, seconds)
-
-
-def build_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.optim.Optimizer:
-    """Adam over ``model``'s parameters; ``fused`` uses PyTorch's fused kernel (``train.fused_adam``).
-
-    The fused kernel computes the same update as the default per-parameter loop, in one pass over
-    each tensor (on the CPU the default loop is 7x slower for the embedding tables).
-    """
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
 
 
 _NARROW_IDS = (torch.int8, torch.int16, torch.int32, torch.uint8)
@@ -479,7 +471,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(job.model, vocab)
     if job.train.compile:
         model.compile()  # in place: the module, its state_dict keys and DDP wrapping stay as they are
-    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam)
+    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update)
     start_epoch = 0
     resume_dir = None
     if checkpoint is not None:
@@ -724,7 +716,7 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
     model = build_model(job.model, vocab).to(device)
     if job.train.compile:
         model.compile()
-    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam)
+    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update)
 
     def batches(source, size: int, seed: int | None) -> Iterator[dict[str, Tensor]]:
         for b in iter_local_batches(job.data.path, source.split, spec, size, shuffle_seed=seed,
