@@ -30,7 +30,7 @@ def test_every_preset_returns_logits_and_handles_padding(name):
     batch = make_batch(b=6, s=5, l=30, ll_lengths=[30, 3, 0, 12, 1, 29], st_lengths=[5, 0, 2, 1, 5, 0])
     logits, aux = model(batch)
     assert logits.shape == (6,) and torch.isfinite(logits).all()
-    assert set(aux) == ({"crp"} if name == "lcn" else set())
+    assert set(aux) == ({"crp"} if name in ("lcn", "lcn_paper") else set())
     # Garbage ids at padded positions (rows keep their masks) change nothing.
     noisy = dict(batch)
     for key in ("ll_items", "ll_cates", "ll_ctx", "ll_gap"):
@@ -136,7 +136,7 @@ def test_crp_weight_zero_is_exactly_the_backbone():
     for p1, p2 in zip(lap.parameters(), lcn.parameters()):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0)
     # With a positive weight the item embeddings move differently.
-    assert small("lcn").aux_weights == {"crp": 0.1}
+    assert small("lcn").aux_weights == {"crp": 0.89}
 
 
 def test_unknown_and_inconsistent_config_keys_raise():

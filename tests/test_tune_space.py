@@ -37,14 +37,23 @@ def test_lcn_space_covers_the_issue():
         assert key in d
 
 
-def test_cain_bundles_keep_every_combination_valid():
+def test_cain_space_searches_the_readings_and_keeps_every_combination_valid():
     space = load_space(ROOT / "tune_spaces/cain.yaml")
-    job = trial_job(space, {"peg": "concat", "context": "gru", "model.context.cl": 9}, [])
-    assert job.model.context.kind == "gru" and not job.model.peg.enabled and not job.model.msia.enabled
-    job = trial_job(space, {"peg": "sum", "context": "tcn", "model.context.cl": 15}, [])
-    assert job.model.context.kind == "tcn" and job.model.peg.enabled and job.model.peg.aggregation == "sum"
+    searched = set(space.file.params)
+    assert {"model.context.merge", "model.context.input", "model.context.init", "model.lap.pooling",
+            "model.peg.filters", "model.context.cl"} <= searched
+    job = trial_job(space, {"peg": "concat", "model.context.merge": "replace", "model.context.cl": 9}, [])
+    assert job.model.peg.enabled and job.model.peg.aggregation == "concat" and job.model.context.merge == "replace"
+    job = trial_job(space, {"peg": "sum", "model.peg.filters": "full", "model.context.cl": 15}, [])
+    assert job.model.context.kind == "tcn" and job.model.peg.aggregation == "sum" and job.model.peg.filters == "full"
     assert job.model.context.cl == 15
     assert expand(space, {"peg": "none"}) == {"model.peg.enabled": False}
+
+
+def test_lcn_spaces_search_tau_from_005_to_5():
+    for name in ("lcn.yaml", "lcn_crp.yaml"):
+        space = load_space(ROOT / "tune_spaces" / name)
+        assert space.file.params["model.crp.tau"] == {"loguniform": [0.05, 5.0]}
 
 
 def test_backbones_grid_is_the_substitution_table():

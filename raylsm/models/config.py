@@ -311,6 +311,10 @@ class ModelConfig:
     # Short-term target attention over st_tgt and st_src: softmax = a weighted mean of the behaviours
     # (the count of behaviours matching the candidate is lost); sum_scaled = raw scores as weights, / S.
     short_term_pooling: Literal["softmax", "sum_scaled"] = "softmax"
+    # The head's input also holds the candidate ⊙ each short-term interest: their sums are the dot products
+    # "how well does the recent history match the candidate", which an MLP over the papers' plain
+    # concatenation (False) has to learn to multiply out. Measured: docs/experiments.md, "Readings".
+    head_products: bool = True
     features: FeatureConfig = field(default_factory=FeatureConfig)
     din: DinConfig = field(default_factory=DinConfig)
     sim_soft: SimConfig = field(default_factory=SimConfig)
@@ -334,6 +338,10 @@ class ModelConfig:
 
 
 # Presets: partial model configs over the defaults. LCN = lap + crp; CAIN = lap + tcn + msia + peg.
+# ``lcn``/``cain`` carry the readings measured best across the three generator worlds of
+# ``jobs/experiments/readings.py`` (docs/experiments.md); ``lcn_paper``/``cain_paper`` are the papers'
+# literal readings (CRP τ 0.1, λ_CRP 0.1, M 1024; CAIN eq. 6's replacement, cl 7, full PEG filters; the
+# head over a plain concatenation), with the papers' lr 1e-3 (``PRESET_TRAIN`` in raylsm.train.config).
 PRESETS: dict[str, dict] = {
     "din": {"lifelong": "din"},
     "sim_soft": {"lifelong": "sim_soft"},
@@ -341,11 +349,21 @@ PRESETS: dict[str, dict] = {
     "sdim": {"lifelong": "sdim"},
     "twin": {"lifelong": "twin"},
     "lap": {"lifelong": "lap"},
-    "lcn": {"lifelong": "lap", "crp": {"enabled": True}},
+    "lcn": {"lifelong": "lap", "crp": {"enabled": True, "weight": 0.89, "tau": 0.92, "m": 2594}},
     "cain": {
         "lifelong": "lap",
-        "context": {"kind": "tcn"},
+        "lap": {"pooling": "sum_scaled"},
+        "context": {"kind": "tcn", "cl": 3, "merge": "context", "input": "context", "init": "box"},
         "msia": {"enabled": True},
-        "peg": {"enabled": True},
+        "peg": {"enabled": True, "filters": "depthwise"},
+    },
+    "lcn_paper": {"lifelong": "lap", "head_products": False,
+                  "crp": {"enabled": True, "weight": 0.1, "tau": 0.1, "m": 1024}},
+    "cain_paper": {
+        "lifelong": "lap",
+        "head_products": False,
+        "context": {"kind": "tcn", "cl": 7, "merge": "replace", "input": "all", "init": "xavier"},
+        "msia": {"enabled": True},
+        "peg": {"enabled": True, "filters": "full", "aggregation": "replace"},
     },
 }

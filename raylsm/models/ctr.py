@@ -66,6 +66,7 @@ class CTRModel(nn.Module):
         self.crp = build_crp(cfg)
         aux_dim = self.context_encoder.aux_dim if self.context_encoder is not None else 0
         head_in = f.behaviour_dim + f.profile_dim + 2 * f.behaviour_dim + self.lifelong.out_dim + aux_dim
+        head_in += 2 * f.behaviour_dim if cfg.head_products else 0
         self.head = MLP(head_in, list(cfg.head), out_dim=1)
         for m in self.head.modules():
             if isinstance(m, nn.Linear):
@@ -141,6 +142,9 @@ class CTRModel(nn.Module):
         parts.append(self.lifelong(cand, seq, ll_ctx, ll_mask, gather) if gather else self.lifelong(cand, seq, ll_ctx, ll_mask))
         if self.context_encoder is not None and self.context_encoder.aux_dim:
             parts.append(aux_interest)
+
+        if self.cfg.head_products:  # cand ⊙ short-term interests: their sums are the match scores
+            parts.append(cand.unsqueeze(1).mul(short.view(short.shape[0], 2, -1)).flatten(1))  # (B, 4D)
 
         # 5. Head -> logits.
         logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
