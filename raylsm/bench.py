@@ -106,24 +106,9 @@ def csv_names(text: str, option: str, allowed) -> list[str]:
 
 def random_batch(b: int, s: int, l: int, vocab: dict, seed: int = 0) -> dict:
     """A collated batch (int64 ids, all behaviours valid) with random ids."""
-    import torch
+    from raylsm.data.examples import example_batch
 
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(hi: int, *shape: int) -> torch.Tensor:
-        return torch.randint(1, hi, shape, generator=g)
-
-    batch = {
-        "user_id": ids(vocab["user"], b), "item_id": ids(vocab["item"], b), "item_cate": ids(vocab["cate"], b),
-        "label": torch.randint(0, 2, (b,), generator=g).float(),
-        "profile": torch.stack([torch.randint(0, v, (b,), generator=g) for v in vocab["profile"].values()], 1),
-    }
-    for name in ("st_tgt", "st_src"):
-        batch[f"{name}_items"], batch[f"{name}_cates"] = ids(vocab["item"], b, s), ids(vocab["cate"], b, s)
-        batch[f"{name}_mask"] = torch.ones(b, s, dtype=torch.bool)
-    batch.update(ll_items=ids(vocab["item"], b, l), ll_cates=ids(vocab["cate"], b, l), ll_ctx=ids(vocab["ctx"], b, l),
-                 ll_gap=ids(vocab["gap"], b, l), ll_mask=torch.ones(b, l, dtype=torch.bool))
-    return batch
+    return example_batch(b, s, l, vocab, seed, full=True)
 
 
 def time_train_steps(net, batch: dict | list[dict], device, steps: int, bf16: bool = False, warmup: int = 1,
@@ -134,7 +119,8 @@ def time_train_steps(net, batch: dict | list[dict], device, steps: int, bf16: bo
     """
     import torch
 
-    from raylsm.train.loop import build_optimizer, train_epoch
+    from raylsm.train.optim import build_optimizer
+    from raylsm.train.step import train_epoch
 
     opt = build_optimizer(net, lr)
     times: list[float] = []
@@ -187,10 +173,11 @@ def step_child(model: str, b: int, l: int, steps: int, overrides: list[str], thr
     import torch
 
     from raylsm.config import apply_overrides
-    from raylsm.models import build_model, preset_config
+    from raylsm.models.ctr import build_model
+    from raylsm.models.registry import preset_config
     from raylsm.models.config import ModelConfig
     from raylsm.models.layers import Vocab
-    from raylsm.train.loop import to_device
+    from raylsm.train.step import to_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -279,10 +266,11 @@ def latency_child(models: list[str], l: int, candidates: int, repeats: int, over
     import torch
 
     from raylsm.config import apply_overrides
-    from raylsm.models import build_model, preset_config
+    from raylsm.models.ctr import build_model
+    from raylsm.models.registry import preset_config
     from raylsm.models.config import ModelConfig
     from raylsm.models.layers import Vocab
-    from raylsm.train.loop import to_device
+    from raylsm.train.step import to_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -345,11 +333,11 @@ def log_result(result: dict, args: argparse.Namespace) -> str | None:
     import json
 
     from raylsm.train.config import default_tracking_uri
-    from raylsm.train.tracking import _client, check_store, experiment_id
+    from raylsm.train.tracking import client as tracking_client, check_store, experiment_id
 
     uri = args.tracking_uri or default_tracking_uri()
     check_store(uri)
-    client = _client(uri)
+    client = tracking_client(uri)
     run = client.create_run(experiment_id(uri, args.experiment), run_name=f"bench-{args.bench}",
                             tags={"raylsm.bench": args.bench, "raylsm.device": result.get("device", "")})
     run_id = run.info.run_id

@@ -41,7 +41,7 @@ def bench_dataset(args: argparse.Namespace, tmp: str) -> str:
 
 def _consume(batches, device) -> int:
     """Hand every batch to ``device`` (as training does); rows seen."""
-    from raylsm.train.loop import to_device
+    from raylsm.train.step import to_device
 
     rows = 0
     for batch in batches:
@@ -73,11 +73,11 @@ def local_rows_per_s(data: str, spec, batch: int, device) -> tuple[float, int]:
 
 
 def ray_rows_per_s(data: str, spec, batch: int, device, cpus: int, block_rows: int, prefetch: int) -> tuple[float, int]:
-    """The training path: ``read_split`` (one CPU per read task, at most ``cpus`` at once) -> ``_torch_batches``."""
+    """The training path: ``read_split`` (one CPU per read task, at most ``cpus`` at once) -> ``torch_batches``."""
     import ray.data
 
     from raylsm.data.pipeline import read_split
-    from raylsm.train.loop import _torch_batches
+    from raylsm.train.batches import torch_batches
 
     ray.data.DataContext.get_current().execution_options.resource_limits = ray.data.ExecutionResources(cpu=cpus)
     # Ray Data's CPU limit is a soft one (without the per-operator reservation, data.op_reservation, it lets a
@@ -86,14 +86,14 @@ def ray_rows_per_s(data: str, spec, batch: int, device, cpus: int, block_rows: i
     cap = cpus if cpus < ray.cluster_resources().get("CPU", cpus) else None
     ds = read_split(data, "train", spec, block_rows, shuffle_seed=0, task_cpus=1.0, concurrency=cap)
     start = time.perf_counter()
-    rows = _consume(_torch_batches(ds.iterator(), batch, device, prefetch=prefetch), device)
+    rows = _consume(torch_batches(ds.iterator(), batch, device, prefetch=prefetch), device)
     return rows / (time.perf_counter() - start), rows
 
 
 def run_ingest(args: argparse.Namespace) -> dict:
     import ray.data
 
-    from raylsm.data.collate import CollateSpec, narrow_id_dtypes
+    from raylsm.data.collate import collate_spec, narrow_id_dtypes
     from raylsm.data.contract import read_manifest
     from raylsm.train.run import ensure_ray
 
@@ -104,7 +104,7 @@ def run_ingest(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="raylsm-bench-") as tmp:
         data = bench_dataset(args, tmp)
         manifest = read_manifest(data)
-        spec = CollateSpec(args.st_len, args.ll_len, tuple(manifest.profile_fields), narrow_id_dtypes(manifest.vocab))
+        spec = collate_spec({"st_len": args.st_len, "ll_len": args.ll_len}, manifest, narrow_id_dtypes(manifest.vocab))
         rows = manifest.splits["train"]["rows"]
         ensure_ray(num_cpus=max(cpus), quiet=True)
         ctx = ray.data.DataContext.get_current()
@@ -149,18 +149,18 @@ def step_only_child(job_dict: dict, data: str, steps: int, repeats: int, threads
     import torch
 
     from raylsm.config import from_dict
-    from raylsm.data.collate import CollateSpec, iter_local_batches
+    from raylsm.data.collate import collate_spec, iter_local_batches
     from raylsm.data.contract import read_manifest
-    from raylsm.models import build_model
+    from raylsm.models.ctr import build_model
     from raylsm.models.layers import Vocab
     from raylsm.train.config import JobConfig
-    from raylsm.train.loop import seed_everything, to_device
+    from raylsm.train.step import seed_everything, to_device
 
     torch.set_num_threads(threads)
     job = from_dict(JobConfig, job_dict)
     manifest = read_manifest(data)
     device = torch.device(device_name)
-    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    spec = collate_spec(job.data, manifest)
     # Distinct real batches, cycled: one repeated batch would keep its embedding rows in cache.
     first = itertools.islice(iter_local_batches(data, "train", spec, job.train.batch_size, shuffle_seed=job.train.seed), steps + 1)
     batches = [to_device({k: torch.from_numpy(v) for k, v in b.items()}, device) for b in first]
@@ -221,16 +221,16 @@ def local_first_batch(data: str, model: str, overrides: list[str], mark: str) ->
     """The in-process path up to its first training batch (manifest, model, first batch), then write the time."""
     import torch
 
-    from raylsm.data.collate import CollateSpec, iter_local_batches
+    from raylsm.data.collate import collate_spec, iter_local_batches
     from raylsm.data.contract import read_manifest
-    from raylsm.models import build_model
+    from raylsm.models.ctr import build_model
     from raylsm.models.layers import Vocab
     from raylsm.train.config import resolve_job
 
     job = resolve_job(preset=model, overrides=[f"data.path={data}", *overrides])
     manifest = read_manifest(data)
     build_model(job.model, Vocab.from_manifest(manifest))
-    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    spec = collate_spec(job.data, manifest)
     batch = next(iter_local_batches(data, "train", spec, job.train.batch_size, shuffle_seed=job.train.seed))
     {k: torch.from_numpy(v) for k, v in batch.items()}
     Path(mark).write_text(repr(time.time()))
@@ -389,13 +389,13 @@ def run_startup(args: argparse.Namespace) -> dict:
 def _startup_repeat(args: argparse.Namespace, train_cmd: list[str], data: str, sets: list[str], tmp: str, r: int,
                     address: str | None) -> tuple[float, float, float]:
     """One repeat of ``bench startup``: `raylsm train`, the in-process path, a bare TorchTrainer (seconds each)."""
-    from raylsm.train.loop import _FIRST_BATCH_FILE
+    from raylsm.train.batches import FIRST_BATCH_FILE
 
     ray_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if address:
         ray_env["RAY_ADDRESS"] = address
     mark = Path(tmp) / f"ray-{r}"
-    ray_s = _time_to_mark(train_cmd, mark, args.timeout, dict(ray_env, **{_FIRST_BATCH_FILE: str(mark)}))
+    ray_s = _time_to_mark(train_cmd, mark, args.timeout, dict(ray_env, **{FIRST_BATCH_FILE: str(mark)}))
     mark = Path(tmp) / f"local-{r}"
     code = (f"from raylsm.bench_ray import local_first_batch; "
             f"local_first_batch({data!r}, {args.model!r}, {json.dumps(sets)}, {str(mark)!r})")

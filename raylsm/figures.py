@@ -50,10 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from raylsm.config import ConfigError
-from raylsm.data.collate import CollateSpec, iter_local_batches
+from raylsm.data.collate import collate_spec, iter_local_batches
 from raylsm.data.contract import Manifest, read_manifest, shard_files
 from raylsm.models.layers import masked_softmax
-from raylsm.train.loop import model_from_checkpoint
+from raylsm.train.checkpoint import model_from_checkpoint
 
 DOMAIN_COLUMNS = {
     "target": (("item_id", "item_cate"), ("st_tgt_items", "st_tgt_cates")),
@@ -410,7 +410,7 @@ def recall(real: Ranking, selected: Ranking, n: int, eligible: Tensor) -> Tensor
 def held_out_batch(data: str, meta: dict, manifest: Manifest, rows: int) -> dict[str, Tensor]:
     """The first ``rows`` test rows, collated at the checkpoint's own sequence lengths."""
     job = meta["job"]
-    spec = CollateSpec(job["data"]["st_len"], job["data"]["ll_len"], tuple(manifest.profile_fields))
+    spec = collate_spec(job["data"], manifest)
     batch = next(iter_local_batches(data, "test", spec, rows), None)
     if batch is None:
         raise ConfigError(f"{data}: the test split is empty")
@@ -491,7 +491,7 @@ def fig5(checkpoints: Sequence[str], data: str, out: str, run_id: str | None = N
 def tracking_target(run_id: str | None, tracking_uri: str | None) -> str | None:
     """The tracking URI to log to (None: no logging); checks the store and the run before any work is done."""
     from raylsm.train.config import default_tracking_uri
-    from raylsm.train.tracking import _client, check_store, redact_uri
+    from raylsm.train.tracking import client as tracking_client, check_store, redact_uri
 
     if not run_id:
         if tracking_uri:
@@ -500,7 +500,7 @@ def tracking_target(run_id: str | None, tracking_uri: str | None) -> str | None:
     uri = tracking_uri or default_tracking_uri()
     check_store(uri)
     try:
-        _client(uri).get_run(run_id)
+        tracking_client(uri).get_run(run_id)
     except Exception:
         raise ConfigError(f"--run-id {run_id}: no such MLflow run in {redact_uri(uri)}") from None
     return uri
@@ -508,9 +508,9 @@ def tracking_target(run_id: str | None, tracking_uri: str | None) -> str | None:
 
 def log_artifacts(paths: Sequence[Path], run_id: str, tracking_uri: str) -> list[str]:
     """Log ``paths`` under ``figures/`` of MLflow run ``run_id`` (client API); returns the artifact paths."""
-    from raylsm.train.tracking import _client
+    from raylsm.train.tracking import client as tracking_client
 
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     for p in paths:
         client.log_artifact(run_id, str(p), artifact_path="figures")
     return [f"figures/{Path(p).name}" for p in paths]

@@ -21,34 +21,18 @@ class LifelongCTRModel(mlflow.pyfunc.PythonModel):
     """Scores contract rows with the checkpoint's model (sigmoid of its logits)."""
 
     def load_context(self, context) -> None:
-        from raylsm.data.collate import CollateSpec
-        from raylsm.train.loop import model_from_checkpoint
+        from raylsm.data.collate import collate_spec
+        from raylsm.train.checkpoint import model_from_checkpoint
 
         self.model, meta = model_from_checkpoint(context.artifacts["checkpoint"])
         self.model.eval()
         data = meta["job"]["data"]
-        self.spec = CollateSpec(data["st_len"], data["ll_len"], tuple(meta["vocab"]["profile"]))
+        self.spec = collate_spec(data, meta["vocab"]["profile"])
 
     def predict(self, context, model_input, params=None):
+        from raylsm.train.step import score_frame
+
         return score_frame(self.model, self.spec, model_input)
-
-
-def score_frame(model, spec, frame):
-    """Click probabilities of a DataFrame of contract rows."""
-    import numpy as np
-    import pyarrow as pa
-    import torch
-
-    from raylsm.data.collate import collate_table
-
-    frame = frame.copy()
-    if "label" not in frame:
-        frame["label"] = np.zeros(len(frame), np.int8)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    batch = {k: torch.from_numpy(v) for k, v in collate_table(table, spec).items()}
-    with torch.no_grad():
-        logits, _ = model(batch)
-    return torch.sigmoid(logits.float()).numpy()
 
 
 mlflow.models.set_model(LifelongCTRModel())

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from raylsm.data.examples import example_batch
 from raylsm.models.layers import Vocab
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -23,29 +23,7 @@ def make_batch(
     st_lengths: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A collated batch (left-padded, masks) with random ids; row i has ``ll_lengths[i]`` real behaviours."""
-    rng = np.random.default_rng(seed)
-    ll_len = np.asarray(ll_lengths if ll_lengths is not None else rng.integers(0, l + 1, b))
-    st_len = np.asarray(st_lengths if st_lengths is not None else rng.integers(0, s + 1, b))
-
-    def seq(n: int, lengths: np.ndarray, hi: int, lo: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        mask = np.arange(n)[None, :] >= (n - lengths)[:, None]
-        return np.where(mask, rng.integers(lo, hi, (b, n)), 0), mask
-
-    batch = {
-        "user_id": rng.integers(1, vocab.user, b),
-        "item_id": rng.integers(1, vocab.item, b),
-        "item_cate": rng.integers(1, vocab.cate, b),
-        "label": rng.integers(0, 2, b).astype(np.float32),
-        "profile": np.stack([rng.integers(0, v, b) for v in vocab.profile.values()], 1),
-    }
-    for name in ("st_tgt", "st_src"):
-        batch[f"{name}_items"], batch[f"{name}_mask"] = seq(s, st_len, vocab.item)
-        batch[f"{name}_cates"], _ = seq(s, st_len, vocab.cate)
-    batch["ll_items"], batch["ll_mask"] = seq(l, ll_len, vocab.item)
-    batch["ll_cates"], _ = seq(l, ll_len, vocab.cate)
-    batch["ll_ctx"], _ = seq(l, ll_len, vocab.ctx)
-    batch["ll_gap"], _ = seq(l, ll_len, vocab.gap)
-    return {k: torch.as_tensor(v) for k, v in batch.items()}
+    return example_batch(b, s, l, vocab, seed, ll_lengths=ll_lengths, st_lengths=st_lengths)
 
 
 @pytest.fixture

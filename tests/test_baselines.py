@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from raylsm.config import ConfigError, from_dict
-from raylsm.models import build_model, lifelong_registry, preset_config
+from raylsm.models.ctr import build_model
+from raylsm.models.registry import lifelong_registry, preset_config
 from raylsm.models.config import DinConfig, EtaConfig, FeatureConfig, SdimConfig, SimConfig, TwinConfig
 from raylsm.models.din import DIN
 from raylsm.models.layers import FeatureLayer

@@ -31,7 +31,8 @@ def tiny_data(tmp_path_factory):
 def test_step_ratio_is_its_own_quotient_and_is_logged_to_mlflow(capsys, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from raylsm.models import build_model, preset_config
+    from raylsm.models.ctr import build_model
+    from raylsm.models.registry import preset_config
     from raylsm.models.config import ModelConfig
     from raylsm.config import apply_overrides
     from raylsm.models.layers import Vocab

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raylsm.config import ConfigError
-from raylsm.models import build_context_encoder, preset_config
+from raylsm.models.registry import build_context_encoder, preset_config
 from raylsm.models.cain import (
     ContextEncoder,
     TCNLayer,

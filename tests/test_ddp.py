@@ -18,11 +18,12 @@ import torch
 
 from raylsm.data.collate import CollateSpec
 from raylsm.data.contract import read_manifest
-from raylsm.models import build_model
+from raylsm.models.ctr import build_model
 from raylsm.models.config import PRESETS
 from raylsm.models.layers import Vocab
 from raylsm.train.config import job_to_dict, resolve_job
-from raylsm.train.loop import load_checkpoint, restore_checkpoint, unused_parameters
+from raylsm.train.checkpoint import load_checkpoint, restore_checkpoint
+from raylsm.train.step import unused_parameters
 from tests.conftest import small_world_dataset
 
 BATCH = 32
@@ -120,7 +121,7 @@ def test_every_preset_trains_two_ddp_steps_with_two_workers(ray_local, ddp_data,
 
 
 def test_restore_checkpoint_restores_weights_optimizer_and_rng_exactly(ddp_data, tmp_path):
-    from raylsm.train.loop import save_checkpoint
+    from raylsm.train.checkpoint import save_checkpoint
 
     job = _jobs(ddp_data, tmp_path)["lcn"]
     vocab = Vocab.from_manifest(read_manifest(ddp_data))
@@ -155,7 +156,7 @@ def test_restore_checkpoint_restores_weights_optimizer_and_rng_exactly(ddp_data,
 
     import numpy as np
 
-    from raylsm.train.loop import set_rng_state
+    from raylsm.train.checkpoint import set_rng_state
 
     set_rng_state(saved["rng"][0])
     expected = (torch.rand(4), np.random.rand(3), random.random())
@@ -168,7 +169,8 @@ def test_restore_checkpoint_restores_weights_optimizer_and_rng_exactly(ddp_data,
 
 
 def test_each_rank_resumes_its_own_generators_and_another_world_size_is_reseeded(ddp_data, tmp_path, capsys):
-    from raylsm.train.loop import rng_state, save_checkpoint, seed_everything
+    from raylsm.train.checkpoint import rng_state, save_checkpoint
+    from raylsm.train.step import seed_everything
 
     job = _jobs(ddp_data, tmp_path)["lcn"]
     vocab = Vocab.from_manifest(read_manifest(ddp_data))

@@ -62,7 +62,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 def test_epoch_logger_with_unreachable_store_keeps_training_and_names_lost_epochs(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from raylsm.train.loop import EpochLogger
+    from raylsm.train.epoch_log import EpochLogger
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -93,7 +93,7 @@ def test_restarted_worker_logs_the_checkpoint_epoch_the_lost_worker_did_not(tmp_
     from the checkpoint, once, and only into the run that wrote the checkpoint."""
     from mlflow.tracking import MlflowClient
 
-    from raylsm.train.loop import EpochLogger
+    from raylsm.train.epoch_log import EpochLogger
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

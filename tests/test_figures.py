@@ -30,7 +30,8 @@ from raylsm.figures import (
 )
 from raylsm.models.layers import Vocab
 from raylsm.train.config import resolve_job
-from raylsm.train.loop import fit_local, save_checkpoint
+from raylsm.train.checkpoint import save_checkpoint
+from raylsm.train.local import fit_local
 from tests.conftest import small_world_dataset
 
 TINY = [

@@ -15,7 +15,7 @@ from raylsm.data.contract import read_manifest
 from raylsm.models.config import PRESETS
 from raylsm.models.layers import Vocab
 from raylsm.train.config import resolve_job
-from raylsm.train.loop import fit_local
+from raylsm.train.local import fit_local
 from tests.test_mechanisms import LIFELONG, world
 
 TINY = [

@@ -23,10 +23,11 @@ import torch
 from raylsm.data.collate import CollateSpec, iter_local_batches
 from raylsm.data.contract import read_manifest
 from raylsm.data.synth import SynthConfig, build_world, generate_config
-from raylsm.models import build_model, preset_config
+from raylsm.models.ctr import build_model
+from raylsm.models.registry import preset_config
 from raylsm.models.layers import Vocab
 from raylsm.train.config import resolve_job
-from raylsm.train.loop import fit_local
+from raylsm.train.local import fit_local
 
 # A tiny world (8 interests, one category each) and sharp labels: P(click) = σ(1) for a long-term
 # interest, σ(-3) otherwise (no biases, no uplift for current interests).

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from raylsm.config import ConfigError
-from raylsm.models import build_model, preset_config
+from raylsm.models.ctr import build_model
+from raylsm.models.registry import preset_config
 from raylsm.models.config import PRESETS
 from tests.conftest import SMALL_VOCAB, OffMetaSpy, make_batch
 

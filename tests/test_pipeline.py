@@ -97,7 +97,7 @@ def test_order_permutes_rows_like_take():
 
 
 def test_to_device_widens_ids_only():
-    from raylsm.train.loop import to_device
+    from raylsm.train.step import to_device
 
     batch = {"ll_items": torch.tensor([[1, 2]], dtype=torch.int32), "ll_ctx": torch.tensor([[0, 3]], dtype=torch.int8),
              "ll_mask": torch.tensor([[False, True]]), "label": torch.tensor([1.0])}
@@ -122,10 +122,11 @@ def preserve_order(ray_local):
 
 
 def _ray_batches(ds, batch_size: int) -> list[dict[str, np.ndarray]]:
-    from raylsm.train.loop import _torch_batches, to_device
+    from raylsm.train.batches import torch_batches
+    from raylsm.train.step import to_device
 
     cpu = torch.device("cpu")
-    return [{k: v.numpy() for k, v in to_device(b, cpu).items()} for b in _torch_batches(ds.iterator(), batch_size, cpu)]
+    return [{k: v.numpy() for k, v in to_device(b, cpu).items()} for b in torch_batches(ds.iterator(), batch_size, cpu)]
 
 
 def _assert_same_batches(got: list[dict], want: list[dict]) -> None:
@@ -159,21 +160,22 @@ def test_unshuffled_batches_equal_single_process_reader_and_previous_pipeline(da
 def test_first_batch_fetched_ahead_leaves_the_batches_as_they_are(dataset, preserve_order):
     """The worker starts its first epoch's stream before building the model (start-up): same batches, same order."""
     from raylsm.data.pipeline import read_split
-    from raylsm.train.loop import _FirstFetched, _torch_batches, to_device
+    from raylsm.train.batches import FirstFetched, torch_batches
+    from raylsm.train.step import to_device
 
     cpu = torch.device("cpu")
     ds = read_split(dataset, "train", SPEC, 20)
-    ahead = _FirstFetched(_torch_batches(ds.iterator(), 16, cpu))
+    ahead = FirstFetched(torch_batches(ds.iterator(), 16, cpu))
     _assert_same_batches([{k: v.numpy() for k, v in to_device(b, cpu).items()} for b in ahead],
                          list(iter_local_batches(dataset, "train", SPEC, batch_size=16)))
-    assert list(_FirstFetched(iter([]))) == []
+    assert list(FirstFetched(iter([]))) == []
 
     def broken():
         raise OSError("shard gone")
         yield  # a generator
 
     with pytest.raises(OSError, match="shard gone"):  # raised where the batches are consumed
-        list(_FirstFetched(broken()))
+        list(FirstFetched(broken()))
 
 
 @pytest.mark.ray

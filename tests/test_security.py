@@ -357,10 +357,11 @@ def _no_runs(db: Path) -> bool:
 def _checkpoint(directory: Path, data: Path) -> Path:
     """A real checkpoint of a tiny ``din`` for ``data`` (no Ray), as a run would write it."""
     from raylsm.data.contract import read_manifest
-    from raylsm.models import build_model
+    from raylsm.models.ctr import build_model
     from raylsm.models.layers import Vocab
     from raylsm.train.config import resolve_job
-    from raylsm.train.loop import build_optimizer, save_checkpoint
+    from raylsm.train.checkpoint import save_checkpoint
+    from raylsm.train.optim import build_optimizer
 
     job = resolve_job(preset="din", overrides=[f"data.path={data}", "data.ll_len=40", "data.st_len=10",
                                                 "model.features.emb_dim=8", "model.head=[16]"])

@@ -18,10 +18,13 @@ import torch
 import torch.multiprocessing as tmp_mp
 
 from raylsm.config import ConfigError
-from raylsm.models import build_model, preset_config
+from raylsm.models.ctr import build_model
+from raylsm.models.registry import preset_config
 from raylsm.models.layers import Vocab
 from raylsm.train.config import resolve_job
-from raylsm.train.loop import build_optimizer, restore_checkpoint, save_checkpoint, train_epoch
+from raylsm.train.checkpoint import restore_checkpoint, save_checkpoint
+from raylsm.train.optim import build_optimizer
+from raylsm.train.step import train_epoch
 from raylsm.train.optim import RowSparseOptimizer, embedding_tables, split_parameters
 from tests.conftest import make_batch
 
@@ -200,7 +203,8 @@ def test_ray_two_workers_train_sparse_and_resume(ray_local, tmp_path):
     from raylsm.data.pipeline import read_split
     from raylsm.train.backend import torch_config
     from raylsm.train.config import job_to_dict
-    from raylsm.train.loop import load_checkpoint, model_from_checkpoint, train_loop_per_worker
+    from raylsm.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from raylsm.train.loop import train_loop_per_worker
     from tests.conftest import small_world_dataset
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raylsm.config import ConfigError
-from raylsm.models import build_model, layers, preset_config
+from raylsm.models import layers
+from raylsm.models.ctr import build_model
+from raylsm.models.registry import preset_config
 from raylsm.models.cain import ContextEncoder, FilterGenerator, TCNLayer, window_padding
 from raylsm.models.config import CRPConfig, PEGConfig
 from raylsm.models.crp import CRP, PairSample
 from raylsm.models.layers import embed
-from raylsm.train.loop import build_optimizer
+from raylsm.train.optim import build_optimizer
 from tests.conftest import SMALL_VOCAB, make_batch
 
 TYPES = ("pt", "ps", "pc")

@@ -16,7 +16,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 from raylsm.data.collate import CollateSpec, iter_local_batches
 from raylsm.data.contract import read_manifest
 from raylsm.train.config import resolve_job
-from raylsm.train.loop import load_checkpoint, model_from_checkpoint, predict
+from raylsm.train.checkpoint import load_checkpoint, model_from_checkpoint
+from raylsm.train.step import predict
 from raylsm.train.run import run_training
 from tests.conftest import small_world_dataset
 

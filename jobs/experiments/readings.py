@@ -74,7 +74,7 @@ torch.set_num_threads(int(sys.argv[1]))
 from raylsm.data.contract import read_manifest
 from raylsm.models.layers import Vocab
 from raylsm.train.config import resolve_job
-from raylsm.train.loop import chosen_epoch, fit_local
+from raylsm.train.local import chosen_epoch, fit_local
 job = resolve_job(preset=sys.argv[2], overrides=json.loads(sys.argv[3]))
 t = time.time()
 _, history = fit_local(job, Vocab.from_manifest(read_manifest(job.data.path)))

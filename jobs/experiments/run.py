@@ -92,8 +92,8 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> int:
     from raylsm.data.contract import validate_dataset
     from raylsm.models.layers import Vocab
     from raylsm.train.config import default_tracking_uri
-    from raylsm.train.loop import fit_local
-    from raylsm.train.tracking import _client, _log_params, check_store, experiment_id, start_parent_run, used_config
+    from raylsm.train.local import fit_local
+    from raylsm.train.tracking import client as tracking_client, log_params, check_store, experiment_id, start_parent_run, used_config
     from raylsm.tune.space import describe, grid_points, load_space, trial_job
     from raylsm.tune.table import log_table, markdown, search_table
 
@@ -107,7 +107,7 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> int:
     manifest = validate_dataset(args.data)
     uri = args.tracking_uri or default_tracking_uri()
     check_store(uri)
-    client = _client(uri)
+    client = tracking_client(uri)
     settings = {"mode": "in_process", "cells": len(points)}
     parent = start_parent_run(uri, jobs[0], manifest, f"{args.table}-in-process", settings, describe(space), space_path)
     exp = experiment_id(uri, name)
@@ -122,7 +122,7 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> int:
                                           "raylsm.kind": "in_process", "raylsm.model": job.preset or ""})
             run_id = run.info.run_id
             try:
-                _log_params(client, run_id, [Param(k, str(v)[:6000]) for k, v in flatten(used_config(job)).items()])
+                log_params(client, run_id, [Param(k, str(v)[:6000]) for k, v in flatten(used_config(job)).items()])
                 _, history = fit_local(job, vocab, progress=True)
                 now = int(time.time() * 1000)
                 client.log_batch(run_id, metrics=[Metric(k, float(h[k]), now, int(h["epoch"])) for h in history

@@ -74,6 +74,14 @@ class CollateSpec:
         return np.dtype(dict(self.id_dtypes).get(key, "int64"))
 
 
+def collate_spec(data, profile_fields, id_dtypes: tuple[tuple[str, str], ...] = ()) -> CollateSpec:
+    """The collate of a job's data block (a ``DataConfig`` or its dict: ``st_len``, ``ll_len``) over a dataset's
+    profile fields (a manifest, or the field names in order)."""
+    st_len, ll_len = (data["st_len"], data["ll_len"]) if isinstance(data, Mapping) else (data.st_len, data.ll_len)
+    fields = getattr(profile_fields, "profile_fields", profile_fields)
+    return CollateSpec(int(st_len), int(ll_len), tuple(fields), tuple(id_dtypes))
+
+
 def narrowest_int(vocab_size: int) -> np.dtype:
     """The narrowest signed integer dtype that holds every id below ``vocab_size``."""
     for dt in (np.int8, np.int16, np.int32):

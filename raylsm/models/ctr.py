@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from raylsm.models.config import ModelConfig
 from raylsm.models.layers import MLP, DotTargetAttention, FeatureLayer, Vocab
+from raylsm.models.registry import build_context_encoder, build_crp, build_lifelong
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -41,8 +42,6 @@ class CTRModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab: Vocab):
         super().__init__()
-        from raylsm.models import build_context_encoder, build_crp, build_lifelong
-
         self.cfg = cfg
         self.features = FeatureLayer(cfg.features, vocab)
         f = self.features
@@ -152,3 +151,8 @@ class CTRModel(nn.Module):
         if self.crp is not None and self.training:
             aux["crp"] = self.crp(st_tgt, batch["st_tgt_mask"], st_src, batch["st_src_mask"], batch["user_id"])
         return logits, aux
+
+
+def build_model(cfg: ModelConfig, vocab: Vocab) -> nn.Module:
+    """The CTR model of ``cfg`` over ``vocab``."""
+    return CTRModel(cfg, vocab)

@@ -1,6 +1,6 @@
-"""Model zoo: registry of lifelong-interest modules, enhancements and presets.
+"""The model registry: lifelong-interest modules by name, the builders of a model's parts, and presets.
 
-``build_model(cfg, vocab)`` assembles a :class:`~raylsm.models.ctr.CTRModel`.
+:func:`raylsm.models.ctr.build_model` assembles a :class:`~raylsm.models.ctr.CTRModel` from these parts.
 The registry maps ``ModelConfig.lifelong`` names to module classes; each class
 takes ``(cfg_block, query_dim, seq_dim, ctx_dim)`` and maps
 ``(query (B, Dq), seq (B, L, Ds), ctx (B, L, Dc), mask (B, L))`` to ``(B, out_dim)``.
@@ -12,7 +12,6 @@ from torch import nn
 
 from raylsm.config import from_dict, merge
 from raylsm.models.config import PRESETS, ModelConfig
-from raylsm.models.layers import Vocab
 
 
 def lifelong_registry() -> dict[str, type[nn.Module]]:
@@ -55,12 +54,3 @@ def preset_config(name: str, overrides: dict | None = None) -> ModelConfig:
 
         raise ConfigError(f"--model {name!r}: unknown model (choose from {', '.join(sorted(PRESETS))})")
     return from_dict(ModelConfig, merge(PRESETS[name], overrides or {}), "model")
-
-
-def build_model(cfg: ModelConfig, vocab: Vocab) -> nn.Module:
-    from raylsm.models.ctr import CTRModel
-
-    return CTRModel(cfg, vocab)
-
-
-__all__ = ["PRESETS", "ModelConfig", "Vocab", "build_model", "preset_config", "lifelong_registry"]

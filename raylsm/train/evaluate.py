@@ -6,9 +6,10 @@ import time
 
 import torch
 
-from raylsm.data.collate import CollateSpec, iter_local_batches
+from raylsm.data.collate import collate_spec, iter_local_batches
 from raylsm.data.contract import validate_dataset
-from raylsm.train.loop import model_from_checkpoint, predict
+from raylsm.train.checkpoint import model_from_checkpoint
+from raylsm.train.step import predict
 from raylsm.train.metrics import evaluate_arrays
 
 
@@ -27,7 +28,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, batch_size: int = 2048) -> d
             f"{data}/manifest.json: profile fields {manifest.profile_fields} differ from the checkpoint's {list(vocab['profile'])}"
         )
     job = meta["job"]
-    spec = CollateSpec(job["data"]["st_len"], job["data"]["ll_len"], tuple(manifest.profile_fields))
+    spec = collate_spec(job["data"], manifest)
     device = torch.device("cpu")
     start = time.perf_counter()
     batches = ({k: torch.from_numpy(v) for k, v in b.items()} for b in iter_local_batches(data, "test", spec, batch_size))

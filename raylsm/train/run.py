@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Iterator
 
 from raylsm.config import ConfigError
-from raylsm.data.collate import CollateSpec
+from raylsm.data.collate import collate_spec
 from raylsm.data.contract import list_shards, shards_gone, validate_dataset
 from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
 from raylsm.storage import make_private_dir
 from raylsm.train.config import JobConfig, default_tracking_uri, job_to_dict
-from raylsm.train.loop import _FIRST_BATCH_FILE, train_loop_per_worker
+from raylsm.train.batches import FIRST_BATCH_FILE
+from raylsm.train.loop import train_loop_per_worker
 from raylsm.train.tracking import (DRIVER_TAG, RecordWriter, driver_tag, end_run, fail_stale_runs, finish_run,
                                    log_model, real_uri, redact_uri, scrub, secret_env, start_run)
 
@@ -223,7 +224,7 @@ def check_resume_from(job: JobConfig, vocab: Vocab) -> None:
     """``--resume-from`` must be a raylsm checkpoint that loads and whose tables fit the dataset (before Ray starts)."""
     if not job.resume_from:
         return
-    from raylsm.train.loop import load_checkpoint
+    from raylsm.train.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(job.resume_from, option="--resume-from")  # weights-only: a pickle payload is refused here
     theirs = meta["vocab"]
@@ -277,7 +278,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
 
     manifest = read_manifest(job.data.path)
     plan = plan or plan_splits(job.data.path, manifest, job.data.val_fraction)
-    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    spec = collate_spec(job.data, manifest)
 
     def source(src: SplitSource, shuffle_seed: int | None = None):
         return read_split(job.data.path, src.split, spec, job.data.block_rows,
@@ -302,7 +303,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": redact_uri(tracking_uri),  # workers get the credentials from their environment
             "has_val": plan.val is not None,
-            "first_batch_file": os.environ.get(_FIRST_BATCH_FILE),  # `raylsm bench startup` only
+            "first_batch_file": os.environ.get(FIRST_BATCH_FILE),  # `raylsm bench startup` only
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.train.workers, use_gpu=job.train.use_gpu, resources_per_worker=resources

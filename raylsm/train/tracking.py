@@ -24,50 +24,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raylsm.config import flatten, to_dict
+from raylsm.train.uri import SECRET_URI_ENV, has_secret, real_uri, redact_uri, scrub, secret_env  # noqa: F401 (public API)
 
 _PARAM_CHUNK = 100  # MLflow accepts at most 100 params per log_batch call
 
 
 class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used."""
-
-
-# The full tracking URI when it carries credentials: processes get it from their environment (the Ray
-# workers through their runtime env), so that jobs, configs and checkpoints only ever hold the redacted one.
-SECRET_URI_ENV = "RAYLSM_TRACKING_URI"
-
-
-def has_secret(uri: str) -> bool:
-    """Whether ``uri`` carries anything :func:`redact_uri` removes (userinfo, query values, a fragment)."""
-    return redact_uri(uri) != uri
-
-
-def secret_env(uri: str) -> dict[str, str]:
-    """The environment that lets another process turn the redacted ``uri`` back into the real one ({} if none needed)."""
-    return {SECRET_URI_ENV: uri} if has_secret(uri) else {}
-
-
-def real_uri(uri: str) -> str:
-    """The URI to connect with: ``uri`` itself, or the credentialed one in the environment whose redaction it is."""
-    if not uri or has_secret(uri):
-        return uri
-    full = os.environ.get(SECRET_URI_ENV, "")
-    return full if full and redact_uri(full) == uri else uri
-
-
-def scrub(text: str, uri: str) -> str:
-    """``text`` with every secret part of ``uri`` (password, user, query values, fragment) replaced by ``***``."""
-    from urllib.parse import parse_qsl, unquote, urlsplit
-
-    try:
-        parts = urlsplit(uri)
-        secrets = [parts.password, parts.username, parts.fragment, *(v for _, v in parse_qsl(parts.query))]
-    except ValueError:
-        return text
-    for secret in sorted({s for s in secrets if s and len(s) > 2}, key=len, reverse=True):
-        for form in {secret, unquote(secret)}:
-            text = text.replace(form, "***")
-    return text
 
 
 def client(tracking_uri: str):
@@ -80,15 +43,12 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-_client = client
-
-
 def check_store(tracking_uri: str) -> None:
     """Fail with one clear line if the tracking store cannot be reached."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        _client(tracking_uri).search_experiments(max_results=1)
+        client(tracking_uri).search_experiments(max_results=1)
     except Exception as e:  # any failure here means training must not start
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = scrub(first, real_uri(tracking_uri))
@@ -97,52 +57,20 @@ def check_store(tracking_uri: str) -> None:
 
 def experiment_id(tracking_uri: str, name: str) -> str:
     """Get or create the experiment; new ones keep artifacts under ./mlartifacts (absolute path)."""
-    client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(name)
+    mc = client(tracking_uri)
+    exp = mc.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     artifacts = None
     if tracking_uri.startswith("sqlite:") or "://" not in tracking_uri:
         artifacts = (Path.cwd() / "mlartifacts").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifacts)
+        return mc.create_experiment(name, artifact_location=artifacts)
     except Exception:
-        exp = client.get_experiment_by_name(name)  # created concurrently by another trial
+        exp = mc.get_experiment_by_name(name)  # created concurrently by another trial
         if exp is None:
             raise
         return exp.experiment_id
-
-
-def redact_uri(uri: str) -> str:
-    """No credentials in params, files or output: userinfo -> ``***@``, every query value -> ``***``, no fragment.
-
-    ``https://alice:pw@host:5000/api?token=t&x=1#f`` -> ``https://***@host:5000/api?token=***&x=***``.
-    """
-    from urllib.parse import parse_qsl, urlencode, urlsplit
-
-    if not uri:
-        return uri
-    try:
-        parts = urlsplit(uri)
-        port = parts.port
-    except ValueError:  # not parseable as a URL: nothing of it is shown
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"***@{host}{f':{port}' if port else ''}"
-    query = parts.query
-    if query:
-        query = urlencode([(k, "***") for k, _ in parse_qsl(query, keep_blank_values=True)], safe="*")
-        query = query or "***"
-    if netloc == parts.netloc and query == parts.query and "#" not in uri:
-        return uri
-    base = uri.split("#", 1)[0].split("?", 1)[0]  # urlunsplit would turn sqlite://// into sqlite://
-    if netloc != parts.netloc:
-        base = base.replace(parts.netloc, netloc, 1)  # the first occurrence is the one after "scheme://"
-    return base + (f"?{query}" if query else "")
 
 
 def used_config(job) -> dict[str, Any]:
@@ -178,7 +106,7 @@ def _context_tags(tags: dict[str, str]) -> dict[str, str]:
     return tags
 
 
-def _log_params(client, run_id: str, params: list) -> None:
+def log_params(client, run_id: str, params: list) -> None:
     for i in range(0, len(params), _PARAM_CHUNK):
         client.log_batch(run_id, params=params[i : i + _PARAM_CHUNK])
 
@@ -217,13 +145,13 @@ def start_run(
     against a SQL store; :func:`run_training` writes it in a thread while the cluster starts the training.
     """
     check_store(tracking_uri)
-    client = _client(tracking_uri)
+    mc = client(tracking_uri)
     all_tags = {"raylsm.model": job.preset, "raylsm.dataset": manifest.name, "raylsm.lifelong": job.model.lifelong,
                 "raylsm.dataset_digest": manifest_digest(manifest), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags = _context_tags(all_tags)
-    run = client.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=all_tags, run_name=run_name or None)
+    run = mc.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=all_tags, run_name=run_name or None)
     run_id = run.info.run_id
     return run_id, functools.partial(record_run, tracking_uri, run_id, job, manifest, all_tags)
 
@@ -233,14 +161,14 @@ def record_run(tracking_uri: str, run_id: str, job, manifest, all_tags: dict[str
     import yaml
     from mlflow.entities import DatasetInput, InputTag, Param, RunTag
 
-    client = _client(tracking_uri)
-    _log_params(client, run_id, [Param(k, str(v)[:6000]) for k, v in flatten(used_config(job)).items()])
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items() if k.startswith("raylsm.")])
-    client.log_text(run_id, yaml.safe_dump(_redacted(job), sort_keys=False), "job.yaml")
+    mc = client(tracking_uri)
+    log_params(mc, run_id, [Param(k, str(v)[:6000]) for k, v in flatten(used_config(job)).items()])
+    mc.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items() if k.startswith("raylsm.")])
+    mc.log_text(run_id, yaml.safe_dump(_redacted(job), sort_keys=False), "job.yaml")
     dataset = DatasetInput(_dataset_input(job, manifest)._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
     for attempt in range(3):
         try:
-            client.log_inputs(run_id, datasets=[dataset])
+            mc.log_inputs(run_id, datasets=[dataset])
             break
         except Exception as e:  # concurrent trials insert the same dataset row: the retry finds it
             if attempt == 2:
@@ -309,7 +237,7 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], s
         if isinstance(v, (int, float)) and not isinstance(v, bool)  # NaN is logged as NaN, never dropped
     ]
     try:
-        _client(tracking_uri).log_batch(run_id, metrics=batch)
+        client(tracking_uri).log_batch(run_id, metrics=batch)
     except Exception as e:  # the store's message may quote the URI: re-raised without its secret
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TrackingError(scrub(first, real_uri(tracking_uri))) from None
@@ -319,10 +247,10 @@ def input_example(job, manifest, rows: int = 3):
     """A few contract rows of the test split as a DataFrame (the model's input example and signature)."""
     import pyarrow.parquet as pq
 
-    from raylsm.data.collate import CollateSpec
+    from raylsm.data.collate import collate_spec
     from raylsm.data.contract import shard_files
 
-    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    spec = collate_spec(job.data, manifest)
     cols = [c for c in spec.columns if c != "label"]
     table = pq.read_table(shard_files(job.data.path, "test")[0], columns=cols, partitioning=None).slice(0, rows)
     return table.to_pandas()
@@ -335,16 +263,13 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str, job, manifest
     from mlflow.models import infer_signature
 
     import raylsm
-    from raylsm.data.collate import CollateSpec
-
-    with warnings.catch_warnings():  # MLflow's hint about type hints on predict, raised when the class is defined
-        warnings.simplefilter("ignore", UserWarning)
-        from raylsm.serving import score_frame
-    from raylsm.train.loop import model_from_checkpoint
+    from raylsm.data.collate import collate_spec
+    from raylsm.train.checkpoint import model_from_checkpoint
+    from raylsm.train.step import score_frame
 
     example = input_example(job, manifest)
     model, _ = model_from_checkpoint(checkpoint_dir)
-    spec = CollateSpec(job.data.st_len, job.data.ll_len, tuple(manifest.profile_fields))
+    spec = collate_spec(job.data, manifest)
     signature = infer_signature(example, score_frame(model.eval(), spec, example))
     package = Path(raylsm.__file__).resolve().parent
     client(tracking_uri)  # no URL printed for a credentialed store
@@ -376,25 +301,25 @@ def finish_run(tracking_uri: str, run_id: str, metrics: dict[str, Any], tags: di
 
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    _client(tracking_uri).log_batch(run_id, metrics=batch, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client(tracking_uri).log_batch(run_id, metrics=batch, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def start_parent_run(tracking_uri: str, job, manifest, name: str, settings: dict, space: dict, space_file: Path) -> str:
     """The parent run of a tuning search: settings as params, the space file and its parsed form as artifacts."""
     from mlflow.entities import Param, RunTag
 
-    client = _client(tracking_uri)
+    mc = client(tracking_uri)
     tags = {"raylsm.search": name, "raylsm.kind": "search", "raylsm.dataset": manifest.name,
             "raylsm.dataset_digest": manifest_digest(manifest), "raylsm.model": job.preset}
     tags = _context_tags(tags)
-    run = client.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=tags, run_name=name)
+    run = mc.create_run(experiment_id(tracking_uri, job.mlflow.experiment), tags=tags, run_name=name)
     run_id = run.info.run_id
     params = [Param(f"search.{k}", str(v)[:6000]) for k, v in settings.items()]
     params += [Param(f"space.{k}", json.dumps(v)[:6000]) for k, v in space.items()]
-    _log_params(client, run_id, params)
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if k.startswith("raylsm.")])
-    client.log_artifact(run_id, str(space_file))
-    client.log_dict(run_id, space, "space.json")
+    log_params(mc, run_id, params)
+    mc.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if k.startswith("raylsm.")])
+    mc.log_artifact(run_id, str(space_file))
+    mc.log_dict(run_id, space, "space.json")
     return run_id
 
 
@@ -405,31 +330,31 @@ def finish_parent_run(tracking_uri: str, run_id: str, summary: dict, table: list
 
     from mlflow.entities import Metric, Param
 
-    client = _client(tracking_uri)
+    mc = client(tracking_uri)
     now = int(time.time() * 1000)
     best = summary.get("best") or {}
-    existing = client.get_run(run_id).data.params
+    existing = mc.get_run(run_id).data.params
     params = [Param(f"best.{k}", str(v)[:6000]) for k, v in (best.get("config") or {}).items()
               if f"best.{k}" not in existing]  # a resumed search keeps the params it logged first
     metrics = [Metric(f"best_{k}", float(v), now, 0) for k, v in best.items()
                if k in ("auc", "gauc", "logloss", "val_auc") and isinstance(v, (int, float))]
     metrics += [Metric(f"trials_{k}", float(v), now, 0) for k, v in summary.get("counts", {}).items()]
-    client.log_batch(run_id, metrics=metrics, params=params)
+    mc.log_batch(run_id, metrics=metrics, params=params)
     if best.get("mlflow_run_id"):
-        client.set_tag(run_id, "raylsm.best_run_id", best["mlflow_run_id"])
-    client.log_dict(run_id, summary, "best.json")
+        mc.set_tag(run_id, "raylsm.best_run_id", best["mlflow_run_id"])
+    mc.log_dict(run_id, summary, "best.json")
     if table:
         buf = io.StringIO()
         keys = sorted({k for row in table for k in row}, key=lambda k: (k.startswith("param."), k))
         writer = csv.DictWriter(buf, fieldnames=keys)
         writer.writeheader()
         writer.writerows(table)
-        client.log_text(run_id, buf.getvalue(), "trials.csv")
+        mc.log_text(run_id, buf.getvalue(), "trials.csv")
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     """Close the run as FINISHED / FAILED / KILLED."""
-    _client(tracking_uri).set_terminated(run_id, status=status)
+    client(tracking_uri).set_terminated(run_id, status=status)
 
 
 # ----------------------------------------------------------------------------- runs whose driver died

@@ -1,0 +1,76 @@
+"""Tracking URIs and their secrets: what is shown and stored (:func:`redact_uri`), what is connected to
+(:func:`real_uri`), and how another process gets the credentialed URI (:func:`secret_env`). No MLflow import."""
+
+from __future__ import annotations
+
+import os
+
+
+# The full tracking URI when it carries credentials: processes get it from their environment (the Ray
+# workers through their runtime env), so that jobs, configs and checkpoints only ever hold the redacted one.
+SECRET_URI_ENV = "RAYLSM_TRACKING_URI"
+
+
+def has_secret(uri: str) -> bool:
+    """Whether ``uri`` carries anything :func:`redact_uri` removes (userinfo, query values, a fragment)."""
+    return redact_uri(uri) != uri
+
+
+def secret_env(uri: str) -> dict[str, str]:
+    """The environment that lets another process turn the redacted ``uri`` back into the real one ({} if none needed)."""
+    return {SECRET_URI_ENV: uri} if has_secret(uri) else {}
+
+
+def real_uri(uri: str) -> str:
+    """The URI to connect with: ``uri`` itself, or the credentialed one in the environment whose redaction it is."""
+    if not uri or has_secret(uri):
+        return uri
+    full = os.environ.get(SECRET_URI_ENV, "")
+    return full if full and redact_uri(full) == uri else uri
+
+
+def scrub(text: str, uri: str) -> str:
+    """``text`` with every secret part of ``uri`` (password, user, query values, fragment) replaced by ``***``."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        secrets = [parts.password, parts.username, parts.fragment, *(v for _, v in parse_qsl(parts.query))]
+    except ValueError:
+        return text
+    for secret in sorted({s for s in secrets if s and len(s) > 2}, key=len, reverse=True):
+        for form in {secret, unquote(secret)}:
+            text = text.replace(form, "***")
+    return text
+
+
+def redact_uri(uri: str) -> str:
+    """No credentials in params, files or output: userinfo -> ``***@``, every query value -> ``***``, no fragment.
+
+    ``https://alice:pw@host:5000/api?token=t&x=1#f`` -> ``https://***@host:5000/api?token=***&x=***``.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    if not uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:  # not parseable as a URL: nothing of it is shown
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"***@{host}{f':{port}' if port else ''}"
+    query = parts.query
+    if query:
+        query = urlencode([(k, "***") for k, _ in parse_qsl(query, keep_blank_values=True)], safe="*")
+        query = query or "***"
+    if netloc == parts.netloc and query == parts.query and "#" not in uri:
+        return uri
+    base = uri.split("#", 1)[0].split("?", 1)[0]  # urlunsplit would turn sqlite://// into sqlite://
+    if netloc != parts.netloc:
+        base = base.replace(parts.netloc, netloc, 1)  # the first occurrence is the one after "scheme://"
+    return base + (f"?{query}" if query else "")
