@@ -185,7 +185,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``raylsm bench <name>``: figures with a reference from the same run and a top-level ``ratio``."""
-    from raylsm.bench import run_bench
+    from raylsm.bench.cli import run_bench
 
     emit(run_bench(args))
     return 0
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-n", type=int, default=50, help="size of the real and test sets (the paper: 50)")
         p.set_defaults(fn=cmd_figures)
 
-    from raylsm.bench import add_bench_parsers
+    from raylsm.bench.cli import add_bench_parsers
 
     p = sub.add_parser("bench", help="benchmarks: ingest, step, train, latency, memory, startup (JSON with a ratio)")
     add_bench_parsers(p)

@@ -36,7 +36,7 @@ def test_step_ratio_is_its_own_quotient_and_is_logged_to_mlflow(capsys, tmp_path
     from raylsm.models.config import ModelConfig
     from raylsm.config import apply_overrides
     from raylsm.models.layers import Vocab
-    from raylsm.bench import DEFAULT_VOCAB
+    from raylsm.bench.common import DEFAULT_VOCAB
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = _run(capsys, "step", "--models", "lap", "--batch", "16", "--ll-len", "20,80", "--steps", "2", "--threads", "1",
@@ -123,7 +123,7 @@ def test_time_to_mark_interrupts_the_command_and_reaps_what_it_started(tmp_path)
 
     import psutil
 
-    from raylsm.bench_ray import _time_to_mark
+    from raylsm.bench.ray_runs import _time_to_mark
 
     mark, pids = tmp_path / "mark", tmp_path / "pids"
     code = (f"import subprocess, sys, time; from pathlib import Path; "
@@ -143,7 +143,7 @@ def test_time_to_mark_interrupts_the_command_and_reaps_what_it_started(tmp_path)
 def test_time_to_mark_names_a_command_that_exits_without_its_mark(tmp_path):
     import sys
 
-    from raylsm.bench_ray import _time_to_mark
+    from raylsm.bench.ray_runs import _time_to_mark
 
     with pytest.raises(RuntimeError, match="exited 3 before its first batch: no data here"):
         _time_to_mark([sys.executable, "-c", "import sys; print('no data here', file=sys.stderr); sys.exit(3)"],

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from raylsm.bench import csv_ints, in_child, log, machine, median, resolve_device, sync, time_train_steps
+from raylsm.bench.common import csv_ints, in_child, log, machine, median, resolve_device, sync, time_train_steps
 
 
 def bench_dataset(args: argparse.Namespace, tmp: str) -> str:
@@ -269,7 +269,7 @@ def hold_local_cluster(num_cpus: float | None = None) -> None:
 @contextlib.contextmanager
 def running_local_cluster(timeout: float):
     """A local loopback cluster in a process of its own for the duration: yields its address."""
-    code = "from raylsm.bench_ray import hold_local_cluster; hold_local_cluster()"
+    code = "from raylsm.bench.ray_runs import hold_local_cluster; hold_local_cluster()"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -397,11 +397,11 @@ def _startup_repeat(args: argparse.Namespace, train_cmd: list[str], data: str, s
     mark = Path(tmp) / f"ray-{r}"
     ray_s = _time_to_mark(train_cmd, mark, args.timeout, dict(ray_env, **{FIRST_BATCH_FILE: str(mark)}))
     mark = Path(tmp) / f"local-{r}"
-    code = (f"from raylsm.bench_ray import local_first_batch; "
+    code = (f"from raylsm.bench.ray_runs import local_first_batch; "
             f"local_first_batch({data!r}, {args.model!r}, {json.dumps(sets)}, {str(mark)!r})")
     local_s = _time_to_mark([sys.executable, "-c", code], mark, args.timeout, dict(os.environ))
     mark = Path(tmp) / f"floor-{r}"
-    code = (f"from raylsm.bench_ray import bare_trainer_first_batch; "
+    code = (f"from raylsm.bench.ray_runs import bare_trainer_first_batch; "
             f"bare_trainer_first_batch({str(mark)!r}, {tmp + '/floor-runs'!r})")
     floor_s = _time_to_mark([sys.executable, "-c", code], mark, args.timeout, ray_env)
     log(f"repeat {r + 1}/{args.repeats}: raylsm train first batch after {ray_s:.1f} s; in-process "
