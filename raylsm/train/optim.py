@@ -134,15 +134,35 @@ def exchange_sparse_grads(params: list[nn.Parameter], scratch: RowScratch) -> No
         p.grad = torch.sparse_coo_tensor(index, values, p.shape, check_invariants=False)
 
 
+def _adam_rows(rows: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, beta1: float, beta2: float,
+               eps: float) -> None:
+    """Adam's update of gathered rows in place (``rows``, ``m``, ``v``: (N, D)); ``step`` already counts this step.
+
+    PyTorch's fused Adam kernel on the CPU/CUDA (one pass, the same arithmetic as ``Adam(fused=True)``),
+    else Adam's single-tensor formula.
+    """
+    fused = getattr(torch, "_fused_adam_", None)
+    if fused is not None and rows.device.type in ("cpu", "cuda"):
+        fused([rows], [g], [m], [v], [], [step], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+              amsgrad=False, maximize=False)
+        return
+    t = float(step)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+    rows.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+
+
 class RowAdam(torch.optim.Optimizer):
     """Adam on the rows a row-sparse gradient touched; the other rows, and their moments, are left as they are.
 
-    For a touched row the update is ``torch.optim.Adam``'s, operation for operation (``m = lerp(m, g, 1-β1)``,
-    ``v = β2 v + (1-β2) g²``, ``p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)``, ``t`` = the table's step
-    count), so the first step equals Adam's on every row. (``torch.optim.SparseAdam`` adds ``eps`` before the
-    bias correction, which differs from Adam for rows with small gradients.) Cost per step: the rows of each
-    id summed (:func:`unique_rows`, no sort), then gathers and scatters of the touched rows only: O(rows
-    touched), not O(vocabulary).
+    For a touched row the update is ``torch.optim.Adam``'s (``m = lerp(m, g, 1-β1)``, ``v = β2 v + (1-β2) g²``,
+    ``p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)``, ``t`` = the table's step count; computed by Adam's
+    fused kernel on the gathered rows), so the first step equals Adam's on every row.
+    (``torch.optim.SparseAdam`` adds ``eps`` before the bias correction, which differs from Adam for rows
+    with small gradients.) Cost per step: the rows of each id summed (:func:`unique_rows`), the distinct
+    ids sorted (the gathers and scatters then walk the tables in order), three gathers, one fused pass,
+    three scatters: O(rows touched), not O(vocabulary).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
@@ -170,13 +190,13 @@ class RowAdam(torch.optim.Optimizer):
                 idx, g = unique_rows(*sparse_rows(p.grad), self.scratch.get(p))  # (N,), (N, D): one row per id
                 if idx.numel() == 0:
                     continue
+                idx, order = idx.sort()  # ascending rows: the gathers and scatters below walk memory in order
+                g = g.index_select(0, order)
                 state["step"] += 1
-                t = float(state["step"])
-                m = state["exp_avg"].index_select(0, idx).lerp_(g, 1 - beta1)  # (N, D)
-                v = state["exp_avg_sq"].index_select(0, idx).mul_(beta2).addcmul_(g, g, value=1 - beta2)  # (N, D)
-                step_size = group["lr"] / (1 - beta1 ** t)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])  # (N, D)
-                rows = p.index_select(0, idx).addcdiv_(m, denom, value=-step_size)  # (N, D)
+                rows = p.index_select(0, idx)  # (N, D)
+                m = state["exp_avg"].index_select(0, idx)  # (N, D)
+                v = state["exp_avg_sq"].index_select(0, idx)  # (N, D)
+                _adam_rows(rows, g, m, v, state["step"], group["lr"], beta1, beta2, group["eps"])
                 p.index_copy_(0, idx, rows)
                 state["exp_avg"].index_copy_(0, idx, m)
                 state["exp_avg_sq"].index_copy_(0, idx, v)
