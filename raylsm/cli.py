@@ -171,7 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_figures(args: argparse.Namespace) -> int:
     """``raylsm figures fig4|fig5``: the LCN paper's Fig. 4 / Fig. 5 from checkpoints, as PNG + JSON (+ MLflow artifacts)."""
-    from raylsm.figures import fig4, fig5
+    from raylsm.experiments.consistency import fig5
+    from raylsm.experiments.figures import fig4
 
     common = dict(checkpoints=args.checkpoints, data=args.data, out=args.out, run_id=args.run_id,
                   tracking_uri=args.tracking_uri)

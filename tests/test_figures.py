@@ -1,4 +1,4 @@
-"""The LCN figures (``raylsm.figures``): separation scores, consistency, files, MLflow artifacts and the CLI.
+"""The LCN figures (``raylsm.experiments.figures``, ``raylsm.experiments.consistency``): separation scores, consistency, files, MLflow artifacts and the CLI.
 
 Checkpoints are tiny models trained in process (``fit_local``, a few steps) on a small-world
 synthetic dataset; the values asserted are ranges and exact identities, not learning results.
@@ -15,19 +15,8 @@ import torch
 
 from raylsm.config import ConfigError
 from raylsm.data.contract import read_manifest
-from raylsm.figures import (
-    Ranking,
-    consistency,
-    fig4,
-    fig5,
-    held_out_batch,
-    knn_precision,
-    level_rankings,
-    load_checkpoints,
-    recall,
-    separation,
-    silhouette,
-)
+from raylsm.experiments.consistency import Ranking, consistency, fig5, held_out_batch, level_rankings, recall
+from raylsm.experiments.figures import fig4, knn_precision, load_checkpoints, separation, silhouette
 from raylsm.models.layers import Vocab
 from raylsm.train.config import resolve_job
 from raylsm.train.checkpoint import save_checkpoint
@@ -204,4 +193,4 @@ def test_cli_figures_last_line_is_json_and_bad_input_is_one_line(trained, tmp_pa
     assert main(["figures", "fig4", "--checkpoints", str(tmp_path / "nope"), "--data", str(trained["data"]),
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not a raylsm checkpoint" in err[0]
+    assert len(err) == 1 and "no such directory" in err[0]

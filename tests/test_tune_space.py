@@ -122,16 +122,16 @@ def test_every_paper_table_ships():
 
 
 def test_grid_option_keeps_a_subset_of_cells_and_names_a_bad_value():
-    from jobs.experiments.run import _restrict
+    from raylsm.experiments.tables import restrict
     from raylsm.config import ConfigError
 
     space = yaml.safe_load((ROOT / "jobs" / "experiments" / "cain_table2.yaml").read_text())
-    _restrict(space, "cain_table2", "model.lifelong=twin,lap")
+    restrict(space, "cain_table2", "model.lifelong=twin,lap")
     assert space["params"]["model.lifelong"] == {"grid": ["twin", "lap"]}
     with pytest.raises(ConfigError, match=r"--grid model.lifelong: foo not in"):
-        _restrict(space, "cain_table2", "model.lifelong=foo")
+        restrict(space, "cain_table2", "model.lifelong=foo")
     with pytest.raises(ConfigError, match=r"--grid model.lap.k1: not a grid key of cain_table2"):
-        _restrict(space, "cain_table2", "model.lap.k1=8")
+        restrict(space, "cain_table2", "model.lap.k1=8")
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
@@ -143,7 +143,7 @@ def test_experiment_grid_is_valid(path: Path):
 
 
 def test_table_mean_and_spread():
-    from raylsm.tune.table import cell_rows, markdown
+    from raylsm.experiments.table import cell_rows, markdown
 
     children = [{"config": {"cell": "a", "train.seed": s}, "metrics": {"auc": v, "gauc": v, "logloss": 1 - v}}
                 for s, v in enumerate([0.6, 0.7, 0.8])]
@@ -168,7 +168,7 @@ def test_experiment_in_process_runs_every_cell_and_logs_the_table(tmp_path, caps
 
     from mlflow.tracking import MlflowClient
 
-    from jobs.experiments.run import _parser
+    from jobs.experiments.run import build_parser
     from raylsm.cli import main
     from tests.conftest import small_world_dataset
 
@@ -179,7 +179,7 @@ def test_experiment_in_process_runs_every_cell_and_logs_the_table(tmp_path, caps
               "model.lap.ffn_dim=8", "data.ll_len=40", "data.st_len=10", "train.batch_size=128", "train.epochs=2"]
     argv = ["headline", "--data", str(data), "--seeds", "2", "--grid", "variant=lap,lcn", "--in-process",
             "--tracking-uri", uri, "--storage", str(tmp_path / "runs"), *(x for b in budget for x in ("--set", b))]
-    assert main(argv, parser=_parser()) == 0
+    assert main(argv, parser=build_parser()) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["mode"] == "in_process" and out["cells"] == 4
     rows = {r["cell"]: r for r in out["rows"]}
