@@ -177,7 +177,6 @@ def test_local_cluster_is_started_on_loopback(monkeypatch):
 
 def test_joining_a_loopback_cluster_keeps_the_loopback_node_address(monkeypatch):
     import ray
-    import ray._private.ray_constants as ray_constants
 
     from raylsm.train import run
 
@@ -187,14 +186,13 @@ def test_joining_a_loopback_cluster_keeps_the_loopback_node_address(monkeypatch)
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append((kw["address"], os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"))))
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
     run.ensure_ray()
-    assert calls[-1] == ("10.1.2.3:6379", "1") and ray_constants.ENABLE_RAY_CLUSTER  # a real cluster: untouched
+    assert calls[-1] == ("10.1.2.3:6379", "1")  # a real cluster: untouched
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     run.ensure_ray()
-    assert calls[-1] == ("127.0.0.1:6379", "0") and not ray_constants.ENABLE_RAY_CLUSTER
+    assert calls[-1] == ("127.0.0.1:6379", "0")
 
 
 # ----------------------------------------------------------------------------- credentials never at rest

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from raylsm.config import ConfigError
 from raylsm.data.collate import collate_spec
@@ -38,7 +38,8 @@ LOOPBACK = "127.0.0.1"
 LOCAL_HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll interval on a local cluster (Ray: 2 s)
 
 
-def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, str] | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, str] | None = None,
+               before_start: Callable[[], object] | None = None) -> None:
     """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one bound to loopback.
 
     Joining a cluster: the user's ``RAY_AUTH_MODE`` and token are used as they are (never forced off).
@@ -57,18 +58,24 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     whether the training controller is alive; ``RAY_API_SERVER_ADDRESS`` names it, since with several Ray
     instances on one host (other users, tests) address discovery fails and the cleaner logs a traceback
     every few seconds. ``quiet`` (the demo): Ray's own INFO logs, the workers' output and Ray Data's
-    progress bars are not shown.
+    progress bars are not shown. ``before_start``: called after Ray is imported, before it starts or joins a
+    cluster (a check that must fail before Ray prints anything).
     """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if not address or _is_loopback_address(address):
+        # A local cluster, or one on this host's loopback (`ray start --node-ip-address 127.0.0.1`, another
+        # raylsm): this driver's node address must stay 127.0.0.1, or it waits on a GCS address nothing serves.
+        # Set before Ray is imported here (Ray reads it at import), inherited by the Ray processes started below.
+        _keep_loopback_node_address()
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    if before_start is not None:
+        before_start()
     if address:
-        if _is_loopback_address(address):
-            # A cluster on this host's loopback (`ray start --node-ip-address 127.0.0.1`, or another raylsm):
-            # this driver's node address must stay 127.0.0.1 too, or it waits on a GCS address nothing serves.
-            _keep_loopback_node_address()
         ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO,
                  runtime_env={"env_vars": dict(env)} if env else None)
         return
@@ -81,7 +88,6 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     # Ray Train's controller polls its workers every 2 s: a finished or failed worker waits up to that long to be
     # noticed. Polling a one-node cluster's workers is cheap, so it polls every half second here.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
-    _keep_loopback_node_address()  # the env var is inherited by the Ray processes started below
     dashboard_port = _free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
     if quiet:
@@ -102,11 +108,12 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
 
 
 def _keep_loopback_node_address() -> None:
-    """Stop Ray swapping a 127.0.0.1 node address for the host's external one (multi-node support off)."""
-    import ray._private.ray_constants as ray_constants
+    """Stop Ray swapping a 127.0.0.1 node address for the host's external one (multi-node support off).
 
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is first imported: the entry points import Ray
+    only after this (``ensure_ray``); the Ray processes of a local cluster inherit it.
+    """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, which may already have happened
 
 
 def _is_loopback_address(address: str) -> bool:
@@ -362,16 +369,15 @@ def preflight(job: JobConfig, validated: bool = False, check_tracking: bool = Tr
 
 def start_ray_checking_store(tracking_uri: str) -> None:
     """:func:`ensure_ray` while the tracking store is checked in a thread (opening a new SQL store creates
-    its tables: ~2 s, as long as a local cluster's start, which mostly waits on its processes).
-    An unreachable store is still reported before anything is trained or recorded."""
+    its tables: ~2 s), overlapping Ray's import; Ray starts once the store answered, so an unreachable
+    store is one line on stderr, before Ray prints anything or anything is trained or recorded."""
     from concurrent.futures import ThreadPoolExecutor
 
     from raylsm.train.tracking import check_store
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylsm-store-check") as pool:
         store = pool.submit(check_store, tracking_uri)
-        ensure_ray()
-        store.result()  # TrackingError: one line naming --tracking-uri
+        ensure_ray(before_start=store.result)  # TrackingError: one line naming --tracking-uri
 
 
 def _join_record(writer: RecordWriter, timeout: float = 300.0, uri: str = "") -> None:
