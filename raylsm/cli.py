@@ -1,4 +1,4 @@
-"""The ``raylsm`` command line (DESIGN §4).
+"""The ``raylsm`` command line (docs/design.md, "Command line").
 
 Progress goes to stderr; the last stdout line of every command is one JSON
 object with its results. A user mistake (bad option, bad config key, invalid

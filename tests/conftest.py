@@ -44,7 +44,7 @@ def batch_factory():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (DESIGN §7: address='local', num_cpus=2)."""
+    """One local Ray for the whole session (docs/design.md, "Ray and MLflow notes": address='local', num_cpus=2)."""
     import os
 
     import ray

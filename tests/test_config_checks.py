@@ -192,12 +192,12 @@ def test_untrusted_search_directories_are_refused(tmp_path: Path, monkeypatch):
 
 def test_tune_resume_refuses_a_writable_search_directory(tmp_path: Path, capsys):
     storage = make_private_dir(tmp_path / "runs")
-    search = make_private_dir(storage / "s1")
+    search = make_private_dir(storage / "shared-search")
     from raylsm.tune.search import STATE_FILE
 
     (search / STATE_FILE).write_text("{}")
     os.chmod(search, 0o777)
-    code = main(["tune", "--space", str(SPACE), "--data", str(tmp_path), "--resume", "--name", "s1",
+    code = main(["tune", "--space", str(SPACE), "--data", str(tmp_path), "--resume", "--name", "shared-search",
                  "--storage", str(storage), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines

@@ -14,7 +14,7 @@ from raylsm.data.contract import ContractError, iter_problems, read_manifest, va
 
 
 def _write_independent_dataset(root: Path) -> None:
-    """Writes a dataset following DESIGN §2 only (own types, no raylsm writer), with a hive partition."""
+    """Writes a dataset following docs/design.md, "Dataset contract" only (own types, no raylsm writer), with a hive partition."""
     def rows(n: int, ts0: int, seed: int) -> dict:
         out: dict = {k: [] for k in ("user_id", "item_id", "item_cate", "label", "ts", "profile_age", "profile_gender")}
         for k in ("st_tgt_items", "st_tgt_cates", "st_src_items", "st_src_cates", "ll_items", "ll_cates", "ll_ctx", "ll_gap"):

@@ -1,4 +1,4 @@
-"""Cheaper steps (issue 10): each reformulation against a straightforward reference.
+"""Cheaper steps: each reformulation against a straightforward reference.
 
 * CRP (LCN §4.1): the batched pass (three pair types at once) against the per-type code it
   replaced, copied below as the reference: same pairs for a seed, same loss and gradients; on

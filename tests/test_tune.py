@@ -98,7 +98,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path
     space = _space(tmp_path, "resume", "fifo", {"train.seed": {"grid": [0, 1, 2]}}, 1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
-            "--name", "s1"]
+            "--name", "small-search"]
     proc = _cli(*args, tmp=tmp_path)
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 600

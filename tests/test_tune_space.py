@@ -27,7 +27,7 @@ def test_shipped_space_is_valid(path: Path):
         trial_job(space, params, [])
 
 
-def test_lcn_space_covers_the_issue():
+def test_lcn_space_searches_crp_lap_sizes_and_the_learning_rate():
     space = load_space(ROOT / "tune_spaces/lcn.yaml")
     d = space.dists
     assert d["model.crp.weight"].kind == "loguniform" and d["model.crp.weight"].values == [0.01, 5.0]

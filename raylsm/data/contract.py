@@ -1,4 +1,4 @@
-"""Dataset contract v1 (DESIGN §2): schema, manifest, and validation.
+"""Dataset contract v1 (docs/design.md, "Dataset contract"): schema, manifest, and validation.
 
 A dataset is ``<dir>/manifest.json`` plus Parquet shards under ``<dir>/train``
 and ``<dir>/test`` (any partition depth), and ``<dir>/val`` when the manifest
@@ -203,7 +203,7 @@ def _show(v: object) -> str:
 
 _POSITIVE, _COUNT = _Int(1), _Int(0)
 _SPLIT = _Obj({"rows": (_COUNT, True)})
-# The manifest, field by field (DESIGN §2). Unknown top-level keys are allowed (any JSON).
+# The manifest, field by field (docs/design.md, "Dataset contract"). Unknown top-level keys are allowed (any JSON).
 MANIFEST_SCHEMA = _Obj(
     {
         "format": (_OneOf((FORMAT,)), True),

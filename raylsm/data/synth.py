@@ -1,7 +1,7 @@
 """Seeded generator of synthetic contract-v1 datasets with planted, documented effects.
 
 ``generate(out, ...)`` writes ``<out>/manifest.json`` and ``<out>/{train,test}/part-NNNNN.parquet``
-(DESIGN §2). Every random draw is a counter-based hash (SplitMix64) of ``(seed, stream, key)``, so a
+(docs/design.md, "Dataset contract"). Every random draw is a counter-based hash (SplitMix64) of ``(seed, stream, key)``, so a
 user's behaviour timeline is a *fixed property of the user*: impressions of one user at different
 times see prefixes of the same timeline. Same config → byte-identical shards; the rows themselves do
 not depend on the chunk size (only the row groups do).
@@ -70,7 +70,7 @@ Effect switches and the mechanism each one rewards (all on by default):
   candidate and the lifelong behaviours share one id space, so retrieving the behaviours of the
   candidate's interest is exact and what is left to tell is real vs decoy: the engagement of the
   neighbours. In ``cross`` mode retrieval first needs the learned bridge, and the context effect
-  shows far less (README, "What holds the effects back", item 12).
+  shows far less (docs/experiments.md, "CAIN's own setting: one item space").
 * Frequency gap (``--p-real``, ``--p-decoy``): the share of real (liked) and decoy sessions. With
   the defaults (0.4 / 0.4 over 2 current and 2 decoy interests) each decoy interest fills more of
   the lifelong sequence than each liked one, so counting matching behaviours alone (DIN) is misled;
@@ -95,7 +95,7 @@ the last 20 ``st_tgt`` items share the candidate's interest" ≈ 0.75 (same cate
 lifelong items of the candidate's interest, raw count ≈ 0.57, own ctx ≥ 3 ≈ 0.61, neighbours' mean
 ctx ≥ 2.5 (±3 positions) ≈ 0.69.
 
-Manifest vocab sizes are max id + 1 over the written rows (DESIGN §2).
+Manifest vocab sizes are max id + 1 over the written rows (docs/design.md, "Dataset contract").
 """
 
 from __future__ import annotations

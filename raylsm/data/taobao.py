@@ -1,4 +1,4 @@
-"""Taobao raw logs -> dataset contract v1 (DESIGN §2).
+"""Taobao raw logs -> dataset contract v1 (docs/design.md, "Dataset contract").
 
 Two public Tianchi datasets, one per paper:
 

@@ -6,7 +6,7 @@ length, H heads, n = ``top_n`` (the paper's 50), K1 / K2 / K the levels' configu
 * **Fig. 4** (LCN §5.2.1, "Representation Quality"): the learned item embeddings of the target
   and the source domain mapped to 2-D (PCA, or t-SNE as in the paper), coloured by the
   synthetic generator's hidden interest, one column per checkpoint (``lap`` = LCN w/o CRP
-  next to ``lcn``). An item's embedding is ``e^h = [e_item ‖ e_cate]`` by default (DESIGN §3:
+  next to ``lcn``). An item's embedding is ``e^h = [e_item ‖ e_cate]`` by default (docs/design.md, "Models and readings":
   what CSA's eq. 7 and CRP's cosine use; ``embedding="item"``: the id table alone). The
   paper's claim: without CRP the *target* items cluster about as well, the *source* items
   much worse. Figures of merit (cosine geometry, as CRP's eqs. 3-5):

@@ -12,7 +12,7 @@ The encoder maps ``(seq (B, L, C_in), mask (B, L), cand (B, Dq), profile (B, P))
 ``cr (B, L, C)`` (the context-aware representations ``cr_t`` that replace ``lhe_t``, eq. 6)
 and ``aux (B, aux_dim)`` = ``[IR_2 ‖ … ‖ IR_n]`` (eq. 9; a (B, 0) tensor without MSIA).
 
-Readings where the paper leaves room (DESIGN §3):
+Readings where the paper leaves room (docs/design.md, "Models and readings"):
 
 * Padding. The input is zeroed at padded positions (``torch.where``, so even NaN garbage
   vanishes) and every layer's output is zeroed where its mask is False. For a left-padded
@@ -27,7 +27,7 @@ Readings where the paper leaves room (DESIGN §3):
   a later layer's output is valid when any input in its window is valid (max-pool of the mask
   with the layer's kernel, stride and padding).
 * Auxiliary attention (eqs. 8–9): the scaled scores are softmax-normalised over the valid
-  positions (as CSA/MSA, DESIGN §3); padding gets exactly zero weight, an empty row gives IR = 0.
+  positions (as CSA/MSA, docs/design.md, "Models and readings"); padding gets exactly zero weight, an empty row gives IR = 0.
 * Receptive field (eq. 7 with strides): ``r_1 = k_1``, ``r_{n+1} = r_n + (k_{n+1} − 1)·J_n``;
   with unit strides this is eq. 7 read with ``cl_n`` = window width (see :func:`receptive_fields`).
 * PEG (eqs. 10–12): one generator per layer that uses it; the per-user filters are applied as

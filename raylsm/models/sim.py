@@ -34,7 +34,7 @@ Design choices:
   (default 1) starts ``b^Q ~ N(0, std²)``: the term is a product, so from ``b^Q = 0`` (std 0, a plain
   bias init) it is a saddle that training did not leave in two epochs, and a context encoder feeding
   ``e^c`` got no candidate-independent gradient; off it, ``sim_soft`` + TCN gains +0.027 AUC over
-  ``sim_soft`` (README "What holds the effects back", item 13).
+  ``sim_soft`` (docs/experiments.md, "sim_soft + TCN: the ESU's query bias").
 * Padding is never selected nor attended; a row with fewer than K real
   behaviours keeps fewer valid slots; an all-padding row gives zeros.
   With K >= L the output equals the ESU over every valid behaviour.

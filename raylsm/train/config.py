@@ -153,7 +153,7 @@ def resolve_job(
 
 
 def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite store in the working directory (DESIGN §5, §7)."""
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite store in the working directory (docs/design.md, "MLflow record" and "Ray and MLflow notes")."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env

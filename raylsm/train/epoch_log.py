@@ -13,7 +13,7 @@ from raylsm.train.tracking import client, log_epoch_metrics, redact_uri, start_s
 
 
 class EpochLogger:
-    """Per-epoch metrics into the driver-created MLflow run (DESIGN §5: rank 0 only), never stopping training.
+    """Per-epoch metrics into the driver-created MLflow run (docs/design.md, "MLflow record": rank 0 only), never stopping training.
 
     An epoch whose metrics the store does not take (unreachable, read-only, ...) is kept, with the time it
     was measured, and the outage is reported in one line on stderr; each later epoch first logs what is
@@ -88,7 +88,7 @@ class EpochLogger:
 
 
 def rank_zero_logger(config: dict) -> EpochLogger | None:
-    """Per-epoch metrics into the driver-created MLflow run (DESIGN §5: rank 0 only); None when not tracked."""
+    """Per-epoch metrics into the driver-created MLflow run (docs/design.md, "MLflow record": rank 0 only); None when not tracked."""
     run_id = config.get("mlflow_run_id")
     if not run_id:
         return None

@@ -31,7 +31,7 @@ from raylsm.train.loop import train_loop_per_worker
 from raylsm.train.tracking import (DRIVER_TAG, RecordWriter, driver_tag, end_run, fail_stale_runs, finish_run,
                                    log_model, real_uri, redact_uri, scrub, secret_env, start_run)
 
-DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (DESIGN §7)
+DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (docs/design.md, "Ray and MLflow notes")
 
 
 LOOPBACK = "127.0.0.1"
@@ -47,7 +47,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     so nothing outside this host can reach it. Ray turns a 127.0.0.1 node address into the host's external
     one while multi-node support is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), which a one-node cluster
     does not need: it is turned off for this process and the Ray processes it starts. ``RAY_AUTH_MODE``
-    defaults to ``disabled`` for this loopback-only cluster (DESIGN §7: explicit, so behaviour doesn't flip
+    defaults to ``disabled`` for this loopback-only cluster (docs/design.md, "Ray and MLflow notes": explicit, so behaviour doesn't flip
     once ``~/.ray/auth_token`` exists); a user's setting wins. So does ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``,
     off by default here (no spot nodes on a loopback cluster), and ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 0.5 s
     here instead of Ray's 2 s (a finished or lost worker is noticed sooner). ``env``: variables every process
@@ -150,7 +150,7 @@ def local_cpus() -> float:
 
 
 def check_cpu_budget(job: JobConfig, total: float | None = None) -> None:
-    """Refuse a worker layout that leaves Ray Data no CPU (it would hang at 0 rows, DESIGN §7).
+    """Refuse a worker layout that leaves Ray Data no CPU (it would hang at 0 rows, docs/design.md, "Ray and MLflow notes").
 
     ``total`` = the cluster's CPUs; None = ask the running cluster.
     """
@@ -348,7 +348,7 @@ def preflight(job: JobConfig, validated: bool = False, check_tracking: bool = Tr
     from raylsm.data.contract import read_manifest
     from raylsm.train.tracking import check_store
 
-    # DESIGN §2: the whole dataset is validated before anything starts.
+    # docs/design.md, "Dataset contract": the whole dataset is validated before anything starts.
     check_run_name(job.name)
     manifest = read_manifest(job.data.path) if validated else validate_dataset(job.data.path)
     plan = plan_splits(job.data.path, manifest, job.data.val_fraction)

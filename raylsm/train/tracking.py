@@ -1,4 +1,4 @@
-"""MLflow record (DESIGN §5): one run per training, created and closed by the driver.
+"""MLflow record (docs/design.md, "MLflow record"): one run per training, created and closed by the driver.
 
 The driver runs every check first (nothing is logged for a run that never starts), then opens
 the run with the context tags ``mlflow.start_run`` would set (source, git commit, user), the

@@ -1,6 +1,6 @@
 """``raylsm tune``: Ray Tune over real distributed trainings, every trial a child MLflow run.
 
-The search (DESIGN §1, §5):
+The search (docs/design.md, the overview and "MLflow record"):
 
 1. **Before Ray**: the space file is loaded and checked (:mod:`raylsm.tune.space`), the dataset
    validated once, the storage, GPUs and tracking store checked.
