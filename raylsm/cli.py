@@ -104,20 +104,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def job_from_args(args: argparse.Namespace):
-    from raylsm.train.config import resolve_job
+    from raylsm.train.config import FLAG_KEYS, job_flags, resolve_job
 
-    flags = {
-        "data.path": args.data,
-        "train.epochs": args.epochs,
-        "train.workers": args.workers,
-        "train.use_gpu": True if args.gpu else None,
-        "mlflow.experiment": args.experiment,
-        "mlflow.tracking_uri": args.tracking_uri,
-        "storage": args.storage,
-        "name": args.name,
-        "train.max_failures": args.max_failures,
-        "resume_from": args.resume_from,
-    }
+    flags = job_flags(**{name: getattr(args, name) for name in FLAG_KEYS})
     return resolve_job(preset=args.model, config_file=args.config, overrides=args.overrides, flags=flags)
 
 

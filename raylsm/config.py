@@ -183,10 +183,11 @@ def set_path(data: dict, path: list[str], value: Any, cls: type | None = None) -
             node = nxt
 
 
-def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
-    """Apply ``--set`` strings to a plain config dict (in place) and return it."""
-    for text in overrides:
-        path, value = parse_override(text)
+def apply_overrides(data: dict, overrides: list, cls: type | None = None) -> dict:
+    """Apply overrides to a plain config dict (in place) and return it: ``--set`` strings (``"a.b=3"``, the value
+    parsed as YAML) or typed ``("a.b", value)`` pairs (a space's values, set as they are)."""
+    for item in overrides:
+        path, value = (item[0].split("."), item[1]) if isinstance(item, tuple) else parse_override(item)
         set_path(data, path, value, cls)
     return data
 

@@ -11,7 +11,7 @@ built from data (:func:`raylsm.config.from_dict`); ``validate`` holds the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from raylsm.config import ConfigError
 
@@ -63,6 +63,7 @@ class DinConfig:
 class SimConfig:
     """SIM soft-search: inner-product GSU top-K, multi-head target-attention ESU."""
 
+    KEY: ClassVar[str] = "sim_soft"  # the config block it is read from (error messages)
     k: int = 200
     heads: int = 4
     att_dim: int = 64  # per-head size d of the ESU (as model.lap.att_dim)
@@ -73,39 +74,30 @@ class SimConfig:
     esu_query_bias: bool = False
     # Initial b^Q ~ N(0, std²) per unit (with esu_query_bias). 0 = zeros, the usual bias init; but the score term
     # b^Q·W^K x_j is a product of two factors, so from b^Q = 0 neither factor's gradient says which context to
-    # favour and a context encoder behind it gets no candidate-independent signal. Measured (README "Model
-    # readings"): with a TCN, std 1 beats std 0 by +0.028 AUC (3 seeds); without one, no difference.
+    # favour and a context encoder behind it gets no candidate-independent signal. Measured (docs/experiments.md,
+    # "Model readings"): with a TCN, std 1 beats std 0 by +0.028 AUC (3 seeds); without one, no difference.
     esu_query_bias_std: float = 1.0
 
     def validate(self) -> None:
         if min(self.k, self.heads, self.att_dim) < 1:
             got = f"k={self.k}, heads={self.heads}, att_dim={self.att_dim}"
-            raise ConfigError(f"model.sim_soft.k/heads/att_dim: must be >= 1, got {got}")
+            raise ConfigError(f"model.{self.KEY}.k/heads/att_dim: must be >= 1, got {got}")
         if not self.esu_query_bias_std >= 0:
-            raise ConfigError(f"model.sim_soft.esu_query_bias_std: must be >= 0, got {self.esu_query_bias_std}")
+            raise ConfigError(f"model.{self.KEY}.esu_query_bias_std: must be >= 0, got {self.esu_query_bias_std}")
 
 
 @dataclass
-class EtaConfig:
-    """ETA: SimHash signatures, Hamming-distance top-K, ESU as SIM."""
+class EtaConfig(SimConfig):
+    """ETA: SIM's ESU and options (every SimConfig key), with SimHash signatures and a Hamming-distance top-K GSU."""
 
-    k: int = 200
-    heads: int = 4
+    KEY: ClassVar[str] = "eta"
     n_bits: int = 64
-    att_dim: int = 64  # per-head size d of the ESU
-    esu_ctx: bool = True  # ESU keys/values = [seq ‖ ctx]; False = seq only
-    esu_query_bias: bool = False  # ESU query W^Q q + b^Q (see SimConfig)
-    esu_query_bias_std: float = 1.0  # initial b^Q ~ N(0, std²); 0 = zeros (see SimConfig)
     seed: int = 0  # seed of the fixed random hyperplanes (a buffer, not trained)
 
     def validate(self) -> None:
-        if min(self.k, self.heads, self.att_dim) < 1:
-            got = f"k={self.k}, heads={self.heads}, att_dim={self.att_dim}"
-            raise ConfigError(f"model.eta.k/heads/att_dim: must be >= 1, got {got}")
+        super().validate()
         if self.n_bits < 1:
             raise ConfigError(f"model.eta.n_bits: must be >= 1, got {self.n_bits}")
-        if not self.esu_query_bias_std >= 0:
-            raise ConfigError(f"model.eta.esu_query_bias_std: must be >= 0, got {self.esu_query_bias_std}")
 
 
 @dataclass

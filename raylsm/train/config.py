@@ -129,6 +129,27 @@ class JobConfig:
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+# The command line's job flags (``raylsm train`` / ``raylsm tune`` options, by argparse name) and the config
+# key each sets; one map for every command (docs/design.md, "Command line").
+FLAG_KEYS = {
+    "data": "data.path",
+    "epochs": "train.epochs",
+    "workers": "train.workers",
+    "gpu": "train.use_gpu",
+    "experiment": "mlflow.experiment",
+    "tracking_uri": "mlflow.tracking_uri",
+    "storage": "storage",
+    "name": "name",
+    "max_failures": "train.max_failures",
+    "resume_from": "resume_from",
+}
+
+
+def job_flags(**values: Any) -> dict[str, Any]:
+    """Flag values (argparse names, None = not given) as the config keys :func:`resolve_job` sets; ``gpu`` is a switch."""
+    return {FLAG_KEYS[k]: (True if v else None) if k == "gpu" else v for k, v in values.items()}
+
+
 def resolve_job(
     preset: str | None = None,
     config_file: str | None = None,

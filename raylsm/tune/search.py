@@ -39,7 +39,7 @@ from typing import Any
 
 from raylsm.config import ConfigError
 from raylsm.storage import check_trusted_dir, make_private_dir
-from raylsm.train.config import default_tracking_uri
+from raylsm.train.config import default_tracking_uri, job_flags
 from raylsm.tune.space import EPOCH_METRICS, Space, describe, load_space, trial_job
 
 # A trial is a Tune actor that only waits on its TorchTrainer (whose controller takes 0 CPU): it
@@ -69,14 +69,8 @@ class SearchRequest:
 
 
 def _flags(req: SearchRequest) -> dict[str, Any]:
-    return {
-        "data.path": req.data,
-        "train.workers": req.workers_per_trial,
-        "train.use_gpu": True if req.gpu else None,
-        "mlflow.experiment": req.experiment,
-        "mlflow.tracking_uri": req.tracking_uri,
-        "storage": req.storage,
-    }
+    return job_flags(data=req.data, workers=req.workers_per_trial, gpu=req.gpu, experiment=req.experiment,
+                     tracking_uri=req.tracking_uri, storage=req.storage)
 
 
 def _explicit(space: Space, overrides: list[str], key: str) -> bool:
@@ -105,16 +99,19 @@ def fit_resources(space: Space, req: SearchRequest, job, concurrency: int, total
 # ----------------------------------------------------------------------------- the trainable
 
 
-def tune_trial(config: dict, *, space_path: str, searcher: str, overrides: list[str], flags: dict,
+def tune_trial(config: dict, *, space: Space, overrides: list[str], flags: dict,
                parent_run_id: str, search_name: str, trials_storage: str) -> None:
-    """One trial: the sampled config -> a full ``run_training`` whose epochs Tune sees."""
+    """One trial: the sampled config -> a full ``run_training`` whose epochs Tune sees.
+
+    ``space`` is the driver's loaded and checked space (handed over by ``tune.with_parameters``), and
+    ``config`` holds the sampled values as Tune drew them: nothing is re-read or re-parsed here.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raylsm.train.run import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
-    space = load_space(space_path, searcher, overrides)
     job = trial_job(space, config, overrides, {**flags, "storage": trials_storage, "name": f"trial-{trial_id}"})
     job.mlflow.run_name = f"{search_name}/{trial_id}"
     done = finished_trial_epochs(job.mlflow.tracking_uri or default_tracking_uri(), parent_run_id, trial_id)
@@ -396,7 +393,7 @@ def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurren
 
     f = space.file
     trainable = tune.with_parameters(
-        tune_trial, space_path=str(space.path.resolve()), searcher=searcher, overrides=overrides, flags=flags,
+        tune_trial, space=space, overrides=overrides, flags=flags,
         parent_run_id=parent_run_id, search_name=name, trials_storage=str(search_dir / "trials"),
     )
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})

@@ -214,23 +214,10 @@ def expand(space: Space, params: dict[str, Any]) -> dict[str, Any]:
 
 def trial_job(space: Space, params: dict[str, Any], overrides: list[str], flags: dict[str, Any] | None = None) -> JobConfig:
     """The job of one trial: base <- fixed <- --set overrides <- flags <- the trial's sampled params."""
-    fixed = [f"{k}={_yaml_scalar(v)}" for k, v in space.file.fixed.items()]
-    sampled = [f"{k}={_yaml_scalar(v)}" for k, v in expand(space, params).items()]
+    fixed = list(space.file.fixed.items())  # typed (key, value) pairs: no text round trip
+    sampled = list(expand(space, params).items())
     return resolve_job(preset=space.base_preset, config_file=space.base_config,
                        overrides=[*fixed, *overrides, *sampled], flags=flags)
-
-
-def _yaml_scalar(v: Any) -> str:
-    import json
-
-    if isinstance(v, str):
-        return v
-    if isinstance(v, float):
-        mantissa, _, exponent = repr(v).partition("e")
-        if exponent and "." not in mantissa:
-            mantissa += ".0"  # YAML 1.1 reads 1e-08 as a string, 1.0e-08 as a float
-        return f"{mantissa}e{exponent}" if exponent else mantissa
-    return json.dumps(v)  # JSON is YAML: lists, integers, booleans and null round-trip
 
 
 def load_space(path: str | Path, searcher: str | None = None, overrides: list[str] | None = None) -> Space:
