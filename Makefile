@@ -1,11 +1,11 @@
-# The README's two commands: `make demo` (main job end to end) and `make test`.
+# The README's commands: `make demo` (main job end to end), `make test` (everything) and `make test-fast` (no Ray).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 # Ray 2.60 turns token auth on once ~/.ray/auth_token exists; pin it for a loopback-only local cluster.
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# Everything that runs without starting Ray (the `ray` marker; tests/conftest.py marks the Ray fixtures' users too).
+test-fast: install
+	$(PY) -m pytest -m "not ray"
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts data/synth-demo

@@ -99,3 +99,14 @@ def interrupted_run(tmp_path_factory):
     from tests.test_security import run_and_interrupt
 
     return run_and_interrupt(tmp_path_factory)
+
+
+# Fixtures that start (or are) a Ray cluster: a test that asks for one is a `ray` test even without the mark,
+# so `make test-fast` (-m "not ray") never starts Ray.
+RAY_FIXTURES = {"ray_local", "interrupted_run", "cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)

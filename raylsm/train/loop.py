@@ -34,12 +34,13 @@ from raylsm.train.step import EarlyStopping, predict, seed_everything, train_epo
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point; ``config`` = {"job": JobConfig dict, "vocab": Vocab dict, "mlflow_run_id", "tracking_uri"}."""
+    """Ray Train entry point; ``config`` = {"job": JobConfig, "vocab": Vocab, "mlflow_run_id", "tracking_uri", ...}."""
     import ray.train
     import ray.train.torch
 
-    job = from_dict(JobConfig, config["job"])
-    vocab = Vocab(**config["vocab"])
+    job, vocab = config["job"], config["vocab"]  # the driver's typed job and vocab (a dict of either: built here)
+    job = job if isinstance(job, JobConfig) else from_dict(JobConfig, job)
+    vocab = vocab if isinstance(vocab, Vocab) else Vocab(**vocab)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     seed_everything(job.train.seed + rank)

@@ -25,7 +25,7 @@ from raylsm.data.contract import list_shards, shards_gone, validate_dataset
 from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
 from raylsm.storage import make_private_dir
-from raylsm.train.config import JobConfig, default_tracking_uri, job_to_dict
+from raylsm.train.config import JobConfig, default_tracking_uri
 from raylsm.train.batches import FIRST_BATCH_FILE
 from raylsm.train.loop import train_loop_per_worker
 from raylsm.train.tracking import (DRIVER_TAG, RecordWriter, driver_tag, end_run, fail_stale_runs, finish_run,
@@ -305,8 +305,8 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
         train_loop_per_worker,
         torch_config=torch_config(),
         train_loop_config={
-            "job": job_to_dict(job),
-            "vocab": vocab.__dict__,
+            "job": job,  # typed: built and checked once on the driver, pickled to the workers as it is
+            "vocab": vocab,
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": redact_uri(tracking_uri),  # workers get the credentials from their environment
             "has_val": plan.val is not None,
