@@ -249,3 +249,55 @@ def test_device_agnostic_meta():
     out = lap(query, seq, ctx, mask)
     assert out.device.type == "meta" and out.shape == (B, lap.out_dim)
     assert lv.fsa_idx.device.type == "meta"
+
+
+def test_score_grad_adds_the_lower_levels_scores_and_trains_the_ranking():
+    """score_grad = msa: r^msa_k + r_k and s_hk + r^msa_k on the kept items; off, CSA's scores get no gradient from above."""
+    query, seq, ctx, mask = inputs([10, 7, 3])
+    on, off = make_lap(reading={"score_grad": "msa"}), make_lap()
+    lv_on, lv_off = on.levels(query, seq, ctx, mask), off.levels(query, seq, ctx, mask)
+    torch.testing.assert_close(lv_on.csa_idx, lv_off.csa_idx)  # same CSA ranking (same weights)
+    kept_csa = torch.gather(lv_off.csa_scores, 1, lv_off.csa_idx)  # (B, K1)
+    valid = lv_off.csa_mask
+    torch.testing.assert_close(lv_on.msa_scores[valid], (lv_off.msa_scores + kept_csa)[valid])
+    # The gradient of FSA's output reaches the CSA scores only with the mechanism on.
+    for lap, reaches in ((on, True), (off, False)):
+        lv = lap.levels(query, seq.clone().requires_grad_(True), ctx, mask)
+        (g,) = torch.autograd.grad(lv.ir_fsa.sum(), lv.csa_scores, allow_unused=True)
+        assert (g is not None and bool(g.abs().sum() > 0)) == reaches
+
+
+def test_head_products_add_the_candidate_times_each_short_term_interest(small_vocab, batch_factory):
+    from raylsm.models.ctr import build_model
+    from raylsm.models.registry import preset_config
+
+    small = {"features": {"emb_dim": 4}, "lap": {"k1": 8, "k2": 4, "att_dim": 4, "ffn_dim": 8}}
+    on = build_model(preset_config("lap", small), small_vocab)
+    off = build_model(preset_config("lap", {**small, "head_products": False}), small_vocab)
+    # The head reads 2 × 2D more inputs: cand ⊙ st_tgt interest and cand ⊙ st_src interest (D = 4).
+    assert on.head[0].in_features == off.head[0].in_features + 2 * 2 * 4
+    batch = batch_factory(b=5)
+    on.eval()
+    logits, _ = on(batch)
+    assert logits.shape == (5,) and torch.isfinite(logits).all()
+
+
+def test_short_term_sum_scaled_keeps_how_many_match():
+    from raylsm.models.layers import DotTargetAttention
+
+    torch.manual_seed(0)
+    att = DotTargetAttention(4, 4, pooling="sum_scaled")
+    q = torch.randn(1, 4)
+    one = torch.zeros(1, 6, 4)
+    one[0, -1] = q[0]
+    three = torch.zeros(1, 6, 4)
+    three[0, -3:] = q[0]
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    # Three matching behaviours give three times the interest of one; a softmax mean gives the same vector.
+    torch.testing.assert_close(att(q, three, mask), 3 * att(q, one, mask))
+    soft = DotTargetAttention(4, 4)
+    soft.proj.weight.data.copy_(att.proj.weight.data)
+    m1, m3 = torch.zeros(1, 6, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool)
+    m1[0, -1:] = True
+    m3[0, -3:] = True
+    torch.testing.assert_close(soft(q, three, m3), soft(q, one, m1))
