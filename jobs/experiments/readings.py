@@ -104,8 +104,9 @@ def run_cell(preset: str, overrides: list[str], threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def single_feature_auc(path: Path, ll_len: int) -> dict[str, float]:
+def single_feature_auc(path: Path) -> dict[str, float]:
     """Test AUC of each one-feature ranker: the count of the candidate's category in one sequence."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -113,17 +114,11 @@ def single_feature_auc(path: Path, ll_len: int) -> dict[str, float]:
     from raylsm.train.metrics import auc
 
     out: dict[str, float] = {}
-    tables = [pq.read_table(f, partitioning=None) for f in shard_files(path, "test")]
-    import pyarrow as pa
-
-    t = pa.concat_tables(tables)
+    t = pa.concat_tables([pq.read_table(f, partitioning=None) for f in shard_files(path, "test")])
     labels = t.column("label").to_numpy().astype(np.float64)
     cand = t.column("item_cate").to_numpy()
     for col in ("st_tgt_cates", "st_src_cates", "ll_cates"):
-        lists = t.column(col).combine_chunks()
-        if col == "ll_cates":  # the model's window: the most recent ll_len behaviours
-            lens = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-            lists = pc.list_slice(lists, 0, None)  # (kept whole; lists are at most the generator's ll_len)
+        lists = t.column(col).combine_chunks()  # (the worlds' lists are at most the models' lengths)
         flat = pc.list_flatten(lists).to_numpy()
         parent = pc.list_parent_indices(lists).to_numpy()
         hits = np.bincount(parent[flat == cand[parent]], minlength=len(cand)).astype(np.float64)
@@ -152,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fixed for every cell (after the size's keys)")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (each with cores/jobs threads)")
     p.add_argument("--out", default="runs/readings")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the tables from the cells already in <out>/cells.jsonl (n = seeds present)")
     args = p.parse_args(argv)
     worlds = [w.strip() for w in args.worlds.split(",") if w.strip()]
     bad = [w for w in worlds if w not in WORLDS]
@@ -191,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 key = json.dumps([args.size, preset, w, seed, list(args.overrides), list(extra), args.epochs])
                 cells.append((key, preset, w, seed, extra, overrides))
     todo = sorted((c for c in cells if c[0] not in cache), key=lambda c: c[3])  # seed 0 of every cell first
+    if args.report_only:
+        todo = []
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     print(f"{len(cells)} cells, {len(todo)} to train ({args.jobs} at a time, {threads} threads each)",
           file=sys.stderr, flush=True)
@@ -212,8 +211,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{w} seed {seed}: auc {res['auc']:.4f} (epoch {res['best_epoch']}, last {res['last_auc']:.4f})",
                   file=sys.stderr, flush=True)
 
-    def aucs(preset: str, extra: tuple[str, ...], w: str) -> list[float]:
-        return [cache[c[0]]["auc"] for c in cells if c[1] == preset and c[4] == extra and c[2] == w]
+    def by_seed(preset: str, extra: tuple[str, ...], w: str, field: str = "auc") -> dict[int, float]:
+        return {c[3]: cache[c[0]][field] for c in cells
+                if c[1] == preset and c[4] == extra and c[2] == w and c[0] in cache}
+
+    def aucs(preset: str, extra: tuple[str, ...], w: str, field: str = "auc") -> list[float]:
+        return list(by_seed(preset, extra, w, field).values())
+
+    def cell(values: list[float], signed: bool = False) -> str:
+        if not values:
+            return "–"
+        text = _fmt(*_stats(values), signed=signed)
+        return text if len(values) == args.seeds else f"{text} (n={len(values)})"
 
     report: dict = {"size": args.size, "seeds": args.seeds, "epochs": args.epochs, "worlds": {w: WORLDS[w] for w in worlds}}
     lines: list[str] = []
@@ -222,12 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["| preset | " + " | ".join(worlds) + " |", "|---" * (len(worlds) + 1) + "|"]
         report["presets"] = {}
         for n in names:
-            row = {w: _stats(aucs(n, (), w)) for w in worlds}
-            last = {w: _stats([cache[c[0]]["last_auc"] for c in cells if c[1] == n and not c[4] and c[2] == w])
-                    for w in worlds}
-            report["presets"][n] = {w: {"auc": row[w], "last_auc": last[w]} for w in worlds}
-            lines.append(f"| `{n}` | " + " | ".join(_fmt(*row[w]) for w in worlds) + " |")
-        base = {w: single_feature_auc(paths[w], size["ll_len"]) for w in worlds}
+            report["presets"][n] = {w: {"auc": aucs(n, (), w), "last_auc": aucs(n, (), w, "last_auc"),
+                                        "best_epoch": aucs(n, (), w, "best_epoch")} for w in worlds}
+            lines.append(f"| `{n}` | " + " | ".join(cell(aucs(n, (), w)) for w in worlds) + " |")
+        base = {w: single_feature_auc(paths[w]) for w in worlds}
         report["single_feature"] = base
         lines.append("| best single feature | " + " | ".join(
             f"{max(base[w].values()):.4f} ({max(base[w], key=base[w].get)})" for w in worlds) + " |")
@@ -241,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for v in values:
                 extra = (f"{key}={v}",)
-                deltas = {w: _stats(list(np.subtract(aucs(preset, extra, w), aucs(preset, (), w)))) for w in worlds}
-                report["readings"][f"{key}={v}"] = {"preset": preset, **{w: deltas[w] for w in worlds}}
-                lines.append(f"| `{key}={v}` | `{preset}` | " + " | ".join(_fmt(*deltas[w], signed=True) for w in worlds) + " |")
+                deltas = {}
+                for w in worlds:
+                    alt, ref = by_seed(preset, extra, w), by_seed(preset, (), w)
+                    deltas[w] = [alt[k] - ref[k] for k in sorted(alt) if k in ref]  # paired by seed
+                report["readings"][f"{key}={v}"] = {"preset": preset, **deltas}
+                lines.append(f"| `{key}={v}` | `{preset}` | " + " | ".join(cell(deltas[w], signed=True) for w in worlds) + " |")
     table = "\n".join(lines)
     (out / f"{args.what}-{args.size}.md").write_text(table + "\n")
     print("\n" + table, file=sys.stderr)
