@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # Ray reads this when first imported: the local test clusters keep their node address on 127.0.0.1
-# (as raylsm.train.run.ensure_ray does for `raylsm train`).
+# (as raylsm.train.cluster.ensure_ray does for `raylsm train`).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import pytest  # noqa: E402
@@ -52,11 +52,11 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # As ensure_ray's local cluster: no preemption watcher actor, workers polled every 0.5 s.
-    from raylsm.train.run import LOCAL_HEALTH_CHECK_INTERVAL_S
+    from raylsm.train.cluster import LOCAL_HEALTH_CHECK_INTERVAL_S
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
-    # Loopback only, as raylsm.train.run.ensure_ray: the node address stays 127.0.0.1 (set at the top of
+    # Loopback only, as raylsm.train.cluster.ensure_ray: the node address stays 127.0.0.1 (set at the top of
     # this file, before any test imports Ray).
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")

@@ -123,7 +123,7 @@ def test_time_to_mark_interrupts_the_command_and_reaps_what_it_started(tmp_path)
 
     import psutil
 
-    from raylsm.bench.ray_runs import _time_to_mark
+    from raylsm.bench.startup import _time_to_mark
 
     mark, pids = tmp_path / "mark", tmp_path / "pids"
     code = (f"import subprocess, sys, time; from pathlib import Path; "
@@ -143,7 +143,7 @@ def test_time_to_mark_interrupts_the_command_and_reaps_what_it_started(tmp_path)
 def test_time_to_mark_names_a_command_that_exits_without_its_mark(tmp_path):
     import sys
 
-    from raylsm.bench.ray_runs import _time_to_mark
+    from raylsm.bench.startup import _time_to_mark
 
     with pytest.raises(RuntimeError, match="exited 3 before its first batch: no data here"):
         _time_to_mark([sys.executable, "-c", "import sys; print('no data here', file=sys.stderr); sys.exit(3)"],
@@ -156,7 +156,7 @@ def test_local_cluster_polls_workers_every_half_second_unless_the_user_says(monk
 
     import ray
 
-    from raylsm.train import run
+    from raylsm.train import cluster
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -164,10 +164,10 @@ def test_local_cluster_polls_workers_every_half_second_unless_the_user_says(monk
     # ensure_ray sets several variables for the Ray it starts: a copy keeps them from reaching later tests.
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
                                         if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")})
-    run.ensure_ray(num_cpus=1, quiet=True)
+    cluster.ensure_ray(num_cpus=1, quiet=True)
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" and calls[0]["dashboard_host"] == "127.0.0.1"
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
-    run.ensure_ray(num_cpus=1, quiet=True)
+    cluster.ensure_ray(num_cpus=1, quiet=True)
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
 
 

@@ -141,16 +141,16 @@ def test_is_loopback():
 def test_joining_a_cluster_leaves_auth_mode_as_the_user_set_it(monkeypatch):
     import ray
 
-    from raylsm.train import run
+    from raylsm.train import cluster
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append((dict(kw), os.environ.get("RAY_AUTH_MODE"))))
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    run.ensure_ray()
+    cluster.ensure_ray()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    run.ensure_ray()
+    cluster.ensure_ray()
     assert [(kw["address"], mode) for kw, mode in calls] == [("10.1.2.3:6379", None), ("10.1.2.3:6379", "token")]
     assert "RAY_AUTH_MODE" in os.environ and os.environ["RAY_AUTH_MODE"] == "token"
 
@@ -158,7 +158,7 @@ def test_joining_a_cluster_leaves_auth_mode_as_the_user_set_it(monkeypatch):
 def test_local_cluster_is_started_on_loopback(monkeypatch):
     import ray
 
-    from raylsm.train import run
+    from raylsm.train import cluster
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -167,7 +167,7 @@ def test_local_cluster_is_started_on_loopback(monkeypatch):
     for name in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    run.ensure_ray(num_cpus=2)
+    cluster.ensure_ray(num_cpus=2)
     (kw,) = calls
     assert kw["address"] == "local" and kw["_node_ip_address"] == "127.0.0.1" and kw["dashboard_host"] == "127.0.0.1"
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
@@ -178,20 +178,20 @@ def test_local_cluster_is_started_on_loopback(monkeypatch):
 def test_joining_a_loopback_cluster_keeps_the_loopback_node_address(monkeypatch):
     import ray
 
-    from raylsm.train import run
+    from raylsm.train import cluster
 
-    assert run._is_loopback_address("127.0.0.1:6379") and run._is_loopback_address("ray://localhost:10001")
-    assert run._is_loopback_address("[::1]:6379")
-    assert not run._is_loopback_address("10.1.2.3:6379") and not run._is_loopback_address("auto")
+    assert cluster._is_loopback_address("127.0.0.1:6379") and cluster._is_loopback_address("ray://localhost:10001")
+    assert cluster._is_loopback_address("[::1]:6379")
+    assert not cluster._is_loopback_address("10.1.2.3:6379") and not cluster._is_loopback_address("auto")
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append((kw["address"], os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"))))
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
-    run.ensure_ray()
+    cluster.ensure_ray()
     assert calls[-1] == ("10.1.2.3:6379", "1")  # a real cluster: untouched
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    run.ensure_ray()
+    cluster.ensure_ray()
     assert calls[-1] == ("127.0.0.1:6379", "0")
 
 

@@ -226,7 +226,7 @@ def test_resumed_search_fails_the_runs_a_killed_driver_left_running(tmp_path: Pa
     with a note; a child that had finished stays as it was; a parent whose driver still runs is refused."""
     from raylsm.config import ConfigError
     from raylsm.train.tracking import DRIVER_TAG, driver_tag
-    from raylsm.tune.search import fail_stale_search, reconcile_children
+    from raylsm.tune.record import fail_stale_search, reconcile_children
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

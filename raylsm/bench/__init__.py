@@ -1,6 +1,6 @@
 """``raylsm bench``: the figures of the input pipeline, the training step and the Ray run, each against a reference.
 
-Subcommands (the Ray-side ones live in :mod:`raylsm.bench.ray_runs`; shared helpers in :mod:`raylsm.bench.common`, the in-process runs in :mod:`raylsm.bench.local`, the command line in :mod:`raylsm.bench.cli`):
+Subcommands (the Ray-side ones live in :mod:`raylsm.bench.ray_runs` and :mod:`raylsm.bench.startup`; shared helpers in :mod:`raylsm.bench.common`, the in-process runs in :mod:`raylsm.bench.local`, the command line in :mod:`raylsm.bench.cli`):
 
 =========  ====================================================================  ===========================================
 name       figure                                                                ``ratio``

@@ -57,10 +57,10 @@ def log_result(result: dict, args: argparse.Namespace) -> str | None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the subcommand named by ``args.bench``, log it to MLflow (unless ``--no-mlflow``), return its JSON."""
-    from raylsm.bench import ray_runs
+    from raylsm.bench import ray_runs, startup
 
     runners = {"step": run_step, "memory": run_memory, "latency": run_latency,
-               "ingest": ray_runs.run_ingest, "train": ray_runs.run_train, "startup": ray_runs.run_startup}
+               "ingest": ray_runs.run_ingest, "train": ray_runs.run_train, "startup": startup.run_startup}
     started = time.perf_counter()
     result = runners[args.bench](args)
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -2,7 +2,7 @@
 
 Ray Train's torch backend rendezvous through ``env://``: rank 0 hosts a c10d TCPStore, which binds the
 wildcard address (torch has no bind-address setting for it), and gloo/NCCL pick the interface the host name
-resolves to. On a cluster whose every node is on 127.0.0.1 (the one :func:`raylsm.train.run.ensure_ray`
+resolves to. On a cluster whose every node is on 127.0.0.1 (the one :func:`raylsm.train.cluster.ensure_ray`
 starts) all workers share one host, so the rendezvous goes through a file store instead (``file://``, no
 listening socket) and gloo/NCCL are pinned to the loopback interface. A cluster with real node addresses
 keeps Ray's own ``env://`` setup unchanged.

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import signal
 import sys
-import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from raylsm.config import ConfigError
 from raylsm.data.collate import collate_spec
@@ -27,118 +25,13 @@ from raylsm.models.layers import Vocab
 from raylsm.storage import make_private_dir
 from raylsm.train.config import JobConfig, default_tracking_uri
 from raylsm.train.batches import FIRST_BATCH_FILE
+from raylsm.train.cluster import ray_running, start_ray_checking_store
+from raylsm.train.model_log import log_model
 from raylsm.train.loop import train_loop_per_worker
 from raylsm.train.tracking import (DRIVER_TAG, RecordWriter, driver_tag, end_run, fail_stale_runs, finish_run,
-                                   log_model, real_uri, redact_uri, scrub, secret_env, start_run)
+                                   real_uri, redact_uri, scrub, secret_env, start_run)
 
 DATA_CPU_RESERVE = 0.5  # CPUs left for Ray Data read/collate tasks (docs/design.md, "Ray and MLflow notes")
-
-
-LOOPBACK = "127.0.0.1"
-LOCAL_HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll interval on a local cluster (Ray: 2 s)
-
-
-def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, str] | None = None,
-               before_start: Callable[[], object] | None = None) -> None:
-    """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one bound to loopback.
-
-    Joining a cluster: the user's ``RAY_AUTH_MODE`` and token are used as they are (never forced off).
-    Starting one: every process of it (GCS, raylet, workers, agents, dashboard) listens on 127.0.0.1 only,
-    so nothing outside this host can reach it. Ray turns a 127.0.0.1 node address into the host's external
-    one while multi-node support is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), which a one-node cluster
-    does not need: it is turned off for this process and the Ray processes it starts. ``RAY_AUTH_MODE``
-    defaults to ``disabled`` for this loopback-only cluster (docs/design.md, "Ray and MLflow notes": explicit, so behaviour doesn't flip
-    once ``~/.ray/auth_token`` exists); a user's setting wins. So does ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``,
-    off by default here (no spot nodes on a loopback cluster), and ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 0.5 s
-    here instead of Ray's 2 s (a finished or lost worker is noticed sooner). ``env``: variables every process
-    of this job gets (a credentialed tracking URI): inherited by a local cluster's processes, the job's
-    runtime env on a joined cluster; never a file.
-
-    The dashboard runs (on loopback) because Ray Train's placement-group cleaner asks its state API
-    whether the training controller is alive; ``RAY_API_SERVER_ADDRESS`` names it, since with several Ray
-    instances on one host (other users, tests) address discovery fails and the cleaner logs a traceback
-    every few seconds. ``quiet`` (the demo): Ray's own INFO logs, the workers' output and Ray Data's
-    progress bars are not shown. ``before_start``: called after Ray is imported, before it starts or joins a
-    cluster (a check that must fail before Ray prints anything).
-    """
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if not address or _is_loopback_address(address):
-        # A local cluster, or one on this host's loopback (`ray start --node-ip-address 127.0.0.1`, another
-        # raylsm): this driver's node address must stay 127.0.0.1, or it waits on a GCS address nothing serves.
-        # Set before Ray is imported here (Ray reads it at import), inherited by the Ray processes started below.
-        _keep_loopback_node_address()
-    import ray
-
-    if ray.is_initialized():
-        return
-    if before_start is not None:
-        before_start()
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO,
-                 runtime_env={"env_vars": dict(env)} if env else None)
-        return
-    os.environ.update(env or {})  # the raylet and every worker it starts inherit this process's environment
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Ray Train's preemption watcher polls for spot-node preemption notices, which a one-node loopback
-    # cluster never gets; it is one more actor process to start before the first batch (a user's setting wins).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Train's controller polls its workers every 2 s: a finished or failed worker waits up to that long to be
-    # noticed. Polling a one-node cluster's workers is cheap, so it polls every half second here.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
-    dashboard_port = _free_loopback_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
-    if quiet:
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        # A small machine runs the controller, its helpers, the workers and Ray Data's tasks at once: more
-        # Python workers than 4x the CPUs, which the raylet reports as a warning on the driver.
-        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(4, 2 * (num_cpus or os.cpu_count() or 1))))
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host=LOOPBACK,
-        dashboard_port=dashboard_port,
-        _node_ip_address=LOOPBACK,
-        logging_level=logging.WARNING if quiet else logging.INFO,
-        log_to_driver=not quiet,
-    )
-
-
-def _keep_loopback_node_address() -> None:
-    """Stop Ray swapping a 127.0.0.1 node address for the host's external one (multi-node support off).
-
-    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is first imported: the entry points import Ray
-    only after this (``ensure_ray``); the Ray processes of a local cluster inherit it.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-
-
-def _is_loopback_address(address: str) -> bool:
-    """Whether a Ray address (``host:port``, ``[v6]:port``, ``ray://host:port``) names a loopback host."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "auto", a host name: not known to be loopback
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def _ray_running() -> bool:
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
 
 
 def local_cpus() -> float:
@@ -356,7 +249,7 @@ def preflight(job: JobConfig, validated: bool = False, check_tracking: bool = Tr
     check_storage(job.storage)
     check_local_gpus(job)
     if not validated:
-        if _ray_running():  # this process is already connected: ask the cluster itself
+        if ray_running():  # this process is already connected: ask the cluster itself
             check_cpu_budget(job)
             check_cluster_gpus(job)
         elif not os.environ.get("RAY_ADDRESS"):
@@ -365,19 +258,6 @@ def preflight(job: JobConfig, validated: bool = False, check_tracking: bool = Tr
     if check_tracking:
         check_store(tracking_uri)
     return manifest, plan, tracking_uri
-
-
-def start_ray_checking_store(tracking_uri: str) -> None:
-    """:func:`ensure_ray` while the tracking store is checked in a thread (opening a new SQL store creates
-    its tables: ~2 s), overlapping Ray's import; Ray starts once the store answered, so an unreachable
-    store is one line on stderr, before Ray prints anything or anything is trained or recorded."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from raylsm.train.tracking import check_store
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylsm-store-check") as pool:
-        store = pool.submit(check_store, tracking_uri)
-        ensure_ray(before_start=store.result)  # TrackingError: one line naming --tracking-uri
 
 
 def _join_record(writer: RecordWriter, timeout: float = 300.0, uri: str = "") -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -241,58 +240,6 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], s
     except Exception as e:  # the store's message may quote the URI: re-raised without its secret
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TrackingError(scrub(first, real_uri(tracking_uri))) from None
-
-
-def input_example(job, manifest, rows: int = 3):
-    """A few contract rows of the test split as a DataFrame (the model's input example and signature)."""
-    import pyarrow.parquet as pq
-
-    from raylsm.data.collate import collate_spec
-    from raylsm.data.contract import shard_files
-
-    spec = collate_spec(job.data, manifest)
-    cols = [c for c in spec.columns if c != "label"]
-    table = pq.read_table(shard_files(job.data.path, "test")[0], columns=cols, partitioning=None).slice(0, rows)
-    return table.to_pandas()
-
-
-def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str, job, manifest) -> str:
-    """Log the kept checkpoint as a code-defined pyfunc model (no pickle) with a signature; return its URI."""
-    import mlflow
-    import mlflow.pyfunc
-    from mlflow.models import infer_signature
-
-    import raylsm
-    from raylsm.data.collate import collate_spec
-    from raylsm.train.checkpoint import model_from_checkpoint
-    from raylsm.train.step import score_frame
-
-    example = input_example(job, manifest)
-    model, _ = model_from_checkpoint(checkpoint_dir)
-    spec = collate_spec(job.data, manifest)
-    signature = infer_signature(example, score_frame(model.eval(), spec, example))
-    package = Path(raylsm.__file__).resolve().parent
-    client(tracking_uri)  # no URL printed for a credentialed store
-    mlflow.set_tracking_uri(real_uri(tracking_uri))
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # MLflow's hints about type hints and integer columns
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(package / "serving.py"),
-            artifacts={"checkpoint": checkpoint_dir},
-            code_paths=[str(package)],
-            pip_requirements=_requirements(),
-            signature=signature,
-            input_example=example,
-        )
-    return info.model_uri
-
-
-def _requirements() -> list[str]:
-    """What the logged model needs to load: published packages only (raylsm itself travels as code)."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in ("torch", "numpy", "pyarrow", "pandas", "pyyaml", "mlflow")]
 
 
 def finish_run(tracking_uri: str, run_id: str, metrics: dict[str, Any], tags: dict[str, str]) -> None:

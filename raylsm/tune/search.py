@@ -40,6 +40,7 @@ from typing import Any
 from raylsm.config import ConfigError
 from raylsm.storage import check_trusted_dir, make_private_dir
 from raylsm.train.config import default_tracking_uri, job_flags
+from raylsm.tune.record import children, fail_stale_search, reconcile_children, trials_table, tune_status
 from raylsm.tune.space import EPOCH_METRICS, Space, describe, load_space, trial_job
 
 # A trial is a Tune actor that only waits on its TorchTrainer (whose controller takes 0 CPU): it
@@ -132,7 +133,7 @@ def finished_trial_epochs(tracking_uri: str, parent_run_id: str, trial_id: str) 
 
     client = mlflow_client(tracking_uri)
     experiment = client.get_run(parent_run_id).info.experiment_id
-    runs = [r for r in _children(client, experiment, parent_run_id)
+    runs = [r for r in children(client, experiment, parent_run_id)
             if r.data.tags.get("raylsm.trial_id") == trial_id and r.info.status == "FINISHED"]
     if not runs:
         return []
@@ -180,72 +181,6 @@ def _progress_callback(metric: str, mode: str, total: int):
     return Progress()
 
 
-# ----------------------------------------------------------------------------- MLflow parent and children
-
-
-def _children(client, experiment_id: str, parent_run_id: str) -> list:
-    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=5000)
-
-
-def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str,
-                       tune_status: dict[str, str]) -> dict[str, str]:
-    """End every child run still RUNNING; tag each with how its trial ended. Returns {run_id: status tag}.
-
-    ``tune_status``: Tune's final status per trial id (``TERMINATED``, ``ERROR``; anything else means
-    the search was interrupted before the trial ended). A child still RUNNING whose trial Tune
-    terminated was stopped by the scheduler: ASHA kills the trial's trainer, which cannot end its run.
-    """
-    from raylsm.train.tracking import NOTE_TAG
-    from raylsm.train.tracking import client as mlflow_client
-
-    client = mlflow_client(tracking_uri)
-    out = {}
-    for run in _children(client, experiment_id, parent_run_id):
-        status = run.info.status
-        trial = tune_status.get(run.data.tags.get("raylsm.trial_id", ""), "")
-        if NOTE_TAG in run.data.tags and status == "FAILED":  # closed when its dead driver's search resumed
-            tag = "interrupted"
-        elif status == "RUNNING" or (status == "FAILED" and trial == "TERMINATED"):
-            # A trial Tune terminated whose run did not finish was stopped by the scheduler: its trainer
-            # was killed (run left RUNNING) or its fit() was aborted mid-epoch (run ended FAILED).
-            tag = {"TERMINATED": "stopped_by_scheduler", "ERROR": "failed"}.get(trial, "interrupted")
-            client.set_terminated(run.info.run_id, status="FAILED" if tag == "failed" else "KILLED")
-        elif status == "FINISHED":
-            tag = "completed"
-        elif status == "KILLED":
-            tag = run.data.tags.get("raylsm.trial_status", "interrupted")
-        else:
-            tag = "failed"
-        client.set_tag(run.info.run_id, "raylsm.trial_status", tag)
-        out[run.info.run_id] = tag
-    return out
-
-
-def _tune_status(search_dir: Path) -> dict[str, str]:
-    """Tune's status of every trial of the search, read back from its experiment state."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id: t.status for t in ExperimentAnalysis(str(search_dir)).trials}
-    except Exception:  # no state written yet (interrupted while starting)
-        return {}
-
-
-def _trials_table(client, runs: list, metric: str) -> list[dict]:
-    rows = []
-    for run in runs:
-        history = client.get_metric_history(run.info.run_id, metric)
-        values = [m.value for m in history if m.value == m.value]
-        row = {"trial_id": run.data.tags.get("raylsm.trial_id", ""), "mlflow_run_id": run.info.run_id,
-               "status": run.data.tags.get("raylsm.trial_status", run.info.status),
-               "epochs": len(history), f"best_{metric}": (max(values) if values else float("nan")),
-               **{k: run.data.metrics.get(k) for k in ("auc", "gauc", "logloss", "best_val_auc")}}
-        row.update({f"param.{k}": v for k, v in json.loads(run.data.tags.get("raylsm.trial_config", "{}")).items()})
-        rows.append(row)
-    return rows
-
-
 # ----------------------------------------------------------------------------- the search
 
 
@@ -264,7 +199,8 @@ def _search_dir(storage: Path, space: Space, name: str | None, resume: bool) -> 
 
 def run_search(req: SearchRequest) -> dict:
     """Run (or resume) a search; return the JSON-able summary printed as the last stdout line."""
-    from raylsm.train.run import check_run_name, check_storage, ensure_ray, preflight, stop_signals_interrupt
+    from raylsm.train.cluster import ensure_ray
+    from raylsm.train.run import check_run_name, check_storage, preflight, stop_signals_interrupt
     from raylsm.train.tracking import redact_uri, secret_env
 
     check_run_name(req.name or "")
@@ -335,7 +271,7 @@ def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concur
     try:
         results = _fit(space, req, searcher, trials, concurrency, overrides, flags, parent_run_id, name, storage,
                        search_dir, probe.train.epochs, probe.data.task_cpus)
-        statuses = _tune_status(search_dir)
+        statuses = tune_status(search_dir)
         complete = len(statuses) >= _expected(space, searcher, trials) and all(
             s in ("TERMINATED", "ERROR") for s in statuses.values())
         outcome = "FINISHED" if complete else "KILLED"  # Tune returns early on Ctrl-C, keeping its state
@@ -343,7 +279,7 @@ def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concur
         outcome = "KILLED"
         raise
     finally:
-        tags = reconcile_children(tracking_uri, exp_id, parent_run_id, _tune_status(search_dir))
+        tags = reconcile_children(tracking_uri, exp_id, parent_run_id, tune_status(search_dir))
         if outcome != "FINISHED":
             client.set_terminated(parent_run_id, status=outcome)
             print(f"raylsm tune: search {name} {'interrupted' if outcome == 'KILLED' else 'failed'}; continue it with "
@@ -355,29 +291,11 @@ def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concur
         from raylsm.train.tracking import finish_parent_run
 
         finish_parent_run(tracking_uri, parent_run_id, summary,
-                          _trials_table(client, _children(client, exp_id, parent_run_id), f.metric))
+                          trials_table(client, children(client, exp_id, parent_run_id), f.metric))
     finally:
         client.set_terminated(parent_run_id, status="FINISHED")
     summary.update(parent_run_id=parent_run_id, storage=str(search_dir), name=name, tracking_uri=_redact(tracking_uri))
     return summary
-
-
-def fail_stale_search(tracking_uri: str, experiment: str, parent_run_id: str, name: str) -> list[str]:
-    """Before a search resumes: a parent and children that a killed driver left RUNNING are marked FAILED with a
-    ``raylsm.note`` (the parent is then reopened); a parent whose driver still runs is left alone."""
-    from raylsm.train.tracking import DRIVER_TAG, NOTE_TAG, client as mlflow_client, driver_alive, fail_stale_runs
-
-    parent = mlflow_client(tracking_uri).get_run(parent_run_id)
-    if parent.info.status == "RUNNING" and driver_alive(parent.data.tags.get(DRIVER_TAG, "")):
-        raise ConfigError(f"--name {name}: that search is still running (driver {parent.data.tags[DRIVER_TAG]})")
-    note = (f"its driver ended without closing it (killed?); marked FAILED when search {name} resumed at "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-    failed = fail_stale_runs(tracking_uri, experiment, lambda r: r.info.run_id == parent_run_id, note)
-    failed += fail_stale_runs(tracking_uri, experiment,
-                              lambda r: r.data.tags.get("mlflow.parentRunId") == parent_run_id, note)
-    if failed and NOTE_TAG not in mlflow_client(tracking_uri).get_run(parent_run_id).data.tags:
-        mlflow_client(tracking_uri).set_tag(parent_run_id, NOTE_TAG, f"resumed; {len(failed)} run(s) of a killed driver marked FAILED")
-    return failed
 
 
 def _redact(uri: str) -> str:
@@ -444,7 +362,7 @@ def _expected(space: Space, searcher: str, trials: int) -> int:
 def _summarise(client, exp_id: str, parent_run_id: str, space: Space, results, tags: dict[str, str]) -> dict:
     """Best trial (by the space's metric over every epoch), its config and headline metrics, and counts."""
     f = space.file
-    runs = _children(client, exp_id, parent_run_id)
+    runs = children(client, exp_id, parent_run_id)
     best_run, best_value = None, None
     for run in runs:
         values = [m.value for m in client.get_metric_history(run.info.run_id, f.metric) if m.value == m.value]
