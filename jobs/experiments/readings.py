@@ -62,6 +62,7 @@ READINGS: dict[str, tuple[str, list[str]]] = {
     "model.lap.score_grad": ("lap", ["msa"]),
     "model.features.emb_init": ("lap", ["normal"]),
     "model.short_term_pooling": ("lap", ["sum_scaled"]),
+    "train.lr_decay": ("lcn", ["0.5"]),
     "model.crp.tau": ("lcn", ["0.1"]),
     "model.crp.weight": ("lcn", ["0.1"]),
     "model.context.merge": ("cain", ["replace"]),

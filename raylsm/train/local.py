@@ -18,7 +18,7 @@ from raylsm.models.ctr import build_model
 from raylsm.train.config import JobConfig
 from raylsm.train.metrics import evaluate_arrays
 from raylsm.train.optim import build_optimizer
-from raylsm.train.step import EarlyStopping, predict, seed_everything, train_epoch, unwrap
+from raylsm.train.step import EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unwrap
 
 
 def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.Module, list[dict]]:
@@ -56,6 +56,7 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
     for epoch in range(job.train.epochs):
         stats = train_epoch(model, optimizer, batches(plan.train, job.train.batch_size, job.train.seed + epoch),
                             device, max_steps=job.train.max_steps_per_epoch, bf16=job.train.bf16)
+        decay_lr(optimizer, job.train.lr_decay)
         metrics = scores(plan.test)
         if plan.val is not None:
             metrics.update({f"val_{k}": v for k, v in scores(plan.val).items()})

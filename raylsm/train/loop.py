@@ -30,7 +30,7 @@ from raylsm.train.config import JobConfig
 from raylsm.train.epoch_log import rank_zero_logger, system_metrics
 from raylsm.train.metrics import evaluate_arrays, gather_arrays
 from raylsm.train.optim import build_optimizer
-from raylsm.train.step import EarlyStopping, predict, seed_everything, train_epoch, unused_parameters
+from raylsm.train.step import EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unused_parameters
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -97,6 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
                 bf16=job.train.bf16,
                 on_step=bar.update,
             )
+        decay_lr(optimizer, job.train.lr_decay)
         metrics: dict = {}
         for prefix, shard in (("val", val_shard), ("test", test_shard)):
             if shard is None:

@@ -180,3 +180,10 @@ def score_frame(model: nn.Module, spec, frame):
     with torch.no_grad():
         logits, _ = model(batch)
     return torch.sigmoid(logits.float()).numpy()
+
+
+def decay_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Multiply every parameter group's learning rate by ``factor`` (``train.lr_decay``, once per epoch)."""
+    if factor != 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
