@@ -12,6 +12,8 @@ train      samples/s of a short Ray Train run and of the step alone             
 latency    one user scored against C candidates (the sequence tensors shared)    first model ÷ ``sim_soft``
 memory     peak RSS (CPU) / peak GPU memory of one training process per model   first model ÷ ``lap``
 startup    seconds from ``raylsm train`` starting to its first training batch   Ray ÷ the in-process path
+scale      step time and per-worker memory vs item vocabulary and                per mode and workers: step at the
+           embedding mode, 1 and 2 workers (:mod:`raylsm.bench.scale`)           largest vocabulary ÷ at the smallest
 =========  ====================================================================  ===========================================
 
 Every figure is the median of repeats, taken in the same run as its reference (the machine

@@ -57,10 +57,11 @@ def log_result(result: dict, args: argparse.Namespace) -> str | None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the subcommand named by ``args.bench``, log it to MLflow (unless ``--no-mlflow``), return its JSON."""
-    from raylsm.bench import ray_runs, startup
+    from raylsm.bench import ray_runs, scale, startup
 
     runners = {"step": run_step, "memory": run_memory, "latency": run_latency,
-               "ingest": ray_runs.run_ingest, "train": ray_runs.run_train, "startup": startup.run_startup}
+               "ingest": ray_runs.run_ingest, "train": ray_runs.run_train, "startup": startup.run_startup,
+               "scale": scale.run_scale}
     started = time.perf_counter()
     result = runners[args.bench](args)
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -79,7 +80,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def add_bench_parsers(bench: argparse.ArgumentParser) -> None:
     """The ``raylsm bench <name>`` subcommands and their options."""
-    sub = bench.add_subparsers(dest="bench", required=True, metavar="{ingest,step,train,latency,memory,startup}")
+    sub = bench.add_subparsers(dest="bench", required=True, metavar="{ingest,step,train,latency,memory,startup,scale}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -157,3 +158,7 @@ def add_bench_parsers(bench: argparse.ArgumentParser) -> None:
                    help="job config override for the measured `raylsm train` (repeatable)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for one `raylsm train`")
+
+    from raylsm.bench.scale import add_scale_parser
+
+    add_scale_parser(sub, common)

@@ -30,7 +30,12 @@ class _SparseRowsEmbedding(torch.autograd.Function):
 
 
 def sparse_embed(table: nn.Embedding, ids: Tensor) -> Tensor:
-    """``table(ids)`` with a row-sparse gradient for ``table.weight`` (any device); ``(..., D)``."""
+    """``table(ids)`` with a row-sparse gradient for ``table.weight`` (any device); ``(..., D)``.
+
+    A row-sharded table (:class:`~raylsm.models.sharded_embedding.RowShardedEmbedding`) does its own lookup.
+    """
+    if getattr(table, "sharded", False):
+        return table(ids)
     if table.padding_idx == 0 and table.weight.requires_grad and torch.is_grad_enabled():
         return _SparseRowsEmbedding.apply(table.weight, ids)
     return table(ids)

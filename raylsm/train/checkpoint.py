@@ -64,15 +64,34 @@ def gather_rng_states() -> list[dict]:
     return states
 
 
+def gather_train_state(model: nn.Module, optimizer) -> dict:
+    """``{"model", "optimizer"}`` state dicts in the unsharded layout (a collective: every rank calls it).
+
+    Row-sharded tables (``train.embedding_sharding = row``) and their row-wise Adam moments are assembled
+    whole from every rank's shard, so the checkpoint is the one an unsharded run writes: it resumes on any
+    number of workers and loads into a one-process model. Without sharded tables nothing is exchanged.
+    """
+    from raylsm.models.sharded_embedding import full_state_dict
+    from raylsm.train.optim import whole_optimizer_state
+
+    net = unwrap(model)
+    return {"model": full_state_dict(net), "optimizer": whole_optimizer_state(net, optimizer)}
+
+
 def save_checkpoint(directory: str, model: nn.Module, optimizer, epoch: int, job: JobConfig, vocab: Vocab, metrics: dict,
-                    rng_states: list[dict] | None = None, mlflow_run_id: str | None = None) -> None:
+                    rng_states: list[dict] | None = None, mlflow_run_id: str | None = None,
+                    train_state: dict | None = None) -> None:
     """Everything needed to resume or score: weights, optimizer, epoch, every rank's RNG, job config, vocab.
 
+    ``train_state``: the model and optimizer states from :func:`gather_train_state`, which every rank must
+    call when tables are row-sharded (rank 0 then writes); without it this process's own states are written.
     The job is stored with its tracking URI redacted: no credential is ever written to a checkpoint.
     """
+    if train_state is None:
+        train_state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
     state = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": train_state["model"],
+        "optimizer": train_state["optimizer"],
         "epoch": epoch,
         "rng": rng_states if rng_states is not None else [rng_state()],
     }
@@ -200,11 +219,14 @@ def restore_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.
 
     A checkpoint written by as many ranks as now run restores each rank's generators exactly. With another
     number of ranks there is no exact continuation: each rank is seeded afresh from ``seed``, the rank and the
-    epoch, and the run says so on stderr.
+    epoch, and the run says so on stderr. A row-sharded table (and its optimizer moments) takes this rank's
+    rows of the checkpoint's whole table.
     """
+    from raylsm.train.optim import local_optimizer_state
+
     state, _ = load_checkpoint(directory, option="checkpoint")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    model.load_state_dict(state["model"])  # a sharded table's load hook keeps its own rows
+    optimizer.load_state_dict(local_optimizer_state(unwrap(model), optimizer, state["optimizer"]))
     start = int(state["epoch"]) + 1
     states = state.get("rng") or [{"torch": state["torch_rng"], "cuda": None, "numpy": None, "python": None}]
     if len(states) == world_size:

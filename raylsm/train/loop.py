@@ -1,12 +1,14 @@
 """The per-worker training function run by Ray Train's ``TorchTrainer``.
 
-Each worker: build the model (``prepare_model`` wraps it in DDP and places it
-on the worker's device), restore the latest checkpoint if Ray hands one over
-(after a worker failure, or a re-run with the same name), then per epoch:
-stream its shard of ``train`` -> BCE + Σ λ·aux -> Adam; evaluate its shard of
-``test``; gather scores to every rank for exact AUC/GAUC/logloss over the whole
-split; rank 0 writes the checkpoint and logs the epoch's metrics to MLflow;
-every rank calls ``ray.train.report``.
+Each worker: build the model (with ``train.embedding_sharding = row`` on 2+
+workers the item table is built as this worker's row shard, which DDP leaves
+out; ``prepare_model`` wraps it in DDP and places it on the worker's device),
+restore the latest checkpoint if Ray hands one over (after a worker failure,
+or a re-run with the same name), then per epoch: stream its shard of
+``train`` -> BCE + Σ λ·aux -> Adam; evaluate its shard of ``test``; gather
+scores to every rank for exact AUC/GAUC/logloss over the whole split; every
+rank helps assemble the sharded tables whole, rank 0 writes the checkpoint
+and logs the epoch's metrics to MLflow; every rank calls ``ray.train.report``.
 
 The same epoch/eval code serves the in-process path (:func:`fit_local`,
 no Ray) used by tests and benchmarks.
@@ -24,13 +26,15 @@ from tqdm import tqdm
 from raylsm.config import from_dict
 from raylsm.models.layers import Vocab
 from raylsm.models.ctr import build_model
+from raylsm.models.sharded_embedding import build_sharded_model, local_fraction
 from raylsm.train.batches import FirstFetched, torch_batches
-from raylsm.train.checkpoint import gather_rng_states, previous_metrics, restore_checkpoint, save_checkpoint
+from raylsm.train.checkpoint import (gather_rng_states, gather_train_state, previous_metrics, restore_checkpoint,
+                                    save_checkpoint)
 from raylsm.train.config import JobConfig
 from raylsm.train.epoch_log import rank_zero_logger, system_metrics
 from raylsm.train.metrics import evaluate_arrays, gather_arrays
 from raylsm.train.optim import build_optimizer
-from raylsm.train.step import EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unused_parameters
+from raylsm.train.step import EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unused_parameters, unwrap
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -55,7 +59,12 @@ def train_loop_per_worker(config: dict) -> None:
     # A fresh run starts its first epoch's stream now, so the data arrives while the model is built.
     first_epoch = FirstFetched(epoch_batches(0)) if checkpoint is None and not job.resume_from and job.train.epochs > 0 else None
 
-    model = build_model(job.model, vocab)
+    world = ctx.get_world_size()
+    sharded = job.train.embedding_sharding == "row" and world > 1
+    if sharded:  # this rank's rows of the item table (and of any large one) only; DDP leaves them out
+        model, _ = build_sharded_model(job.model, vocab, world, rank)
+    else:
+        model = build_model(job.model, vocab)
     if job.train.compile:
         model.compile()  # in place: the module, its state_dict keys and DDP wrapping stay as they are
     optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update)
@@ -66,9 +75,9 @@ def train_loop_per_worker(config: dict) -> None:
     elif job.resume_from:
         resume_dir = job.resume_from
     if resume_dir is not None:
-        start_epoch = restore_checkpoint(resume_dir, model, optimizer, rank, ctx.get_world_size(), job.train.seed)
+        start_epoch = restore_checkpoint(resume_dir, model, optimizer, rank, world, job.train.seed)
     # DDP needs to know when the forward leaves parameters without a gradient (din, sdim: the ctx/gap tables).
-    unused = unused_parameters(job, vocab) if ctx.get_world_size() > 1 else []
+    unused = unused_parameters(job, vocab) if world > 1 else []
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True} if unused else None)
     # Adam's state tensors were loaded on CPU; move them next to the parameters (the fused kernel keeps
     # its step counters there too; the per-parameter loop wants them on the CPU).
@@ -113,11 +122,15 @@ def train_loop_per_worker(config: dict) -> None:
             samples_per_s=rows / max(seconds, 1e-9),
             train_rows=rows,
         )
+        if job.train.embedding_sharding == "row":  # the largest share of the item rows a worker's own tensor holds
+            metrics["item_rows_fraction"] = _max_over_workers(local_fraction(unwrap(model)), device)
         stop = selection.update(metrics)  # adds best_val_auc / epochs_since_best; same on every rank
         rngs = gather_rng_states()
+        state = gather_train_state(model, optimizer) if sharded else None  # whole tables: every rank takes part
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, model, optimizer, epoch, job, vocab, metrics, rngs, config.get("mlflow_run_id"))
+                save_checkpoint(tmp, model, optimizer, epoch, job, vocab, metrics, rngs, config.get("mlflow_run_id"),
+                                train_state=state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -134,6 +147,17 @@ def train_loop_per_worker(config: dict) -> None:
         logger.finish()
     if monitor is not None:
         monitor.finish()
+
+
+def _max_over_workers(value: float, device: torch.device) -> float:
+    """The largest of every worker's ``value`` (its own; one all-reduce)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _global_throughput(rows: int, seconds: float, device: torch.device) -> tuple[int, float]:

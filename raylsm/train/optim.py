@@ -14,6 +14,11 @@
     sparse gradients are exchanged as (indices, values) with ``torch.distributed.all_gather``, then
     averaged like DDP averages. A step's cost follows the rows it touched, not the vocabulary.
 
+Row-sharded tables (``train.embedding_sharding = row``, :mod:`raylsm.models.sharded_embedding`) go to
+:class:`RowAdam` with the other tables but are not exchanged: each rank's shard already receives every
+rank's gradient rows for its ids. :func:`whole_optimizer_state` / :func:`local_optimizer_state` turn their
+moments into whole tables for a checkpoint and back into this rank's rows on restore.
+
 Both return an object the loop uses as one optimizer (``zero_grad``, ``step``, ``state``,
 ``state_dict``/``load_state_dict`` in the usual ``{"state", "param_groups"}`` layout), so
 checkpoints save and restore as before. With plain SGD (no momentum) both give the same updates;
@@ -46,6 +51,11 @@ def sparse_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     return grad._indices()[0], grad._values()
 
 
+def sharded_tables(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every row-sharded table of ``model`` (:mod:`raylsm.models.sharded_embedding`), with its module name."""
+    return [(name, m) for name, m in model.named_modules() if getattr(m, "sharded", False)]
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -71,7 +81,7 @@ def use_sparse_gradients(model: nn.Module) -> list[nn.Parameter]:
     tables = embedding_tables(model)
     for _, table in tables:
         table.sparse = True
-    names = [f"{name}.weight" for name, _ in tables]
+    names = [f"{name}.weight" for name, _ in tables + sharded_tables(model)]  # a shard is its rank's own
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names)
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignored))
     if "_raylsm_table_sync" not in model.__dict__:
@@ -187,12 +197,14 @@ class RowAdam(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
+                # Counted for every gradient, even one of no rows (a row shard none of whose ids a step looked up),
+                # so every shard of a table keeps the step count the whole table would have.
+                state["step"] += 1
                 idx, g = unique_rows(*sparse_rows(p.grad), self.scratch.get(p))  # (N,), (N, D): one row per id
                 if idx.numel() == 0:
                     continue
                 idx, order = idx.sort()  # ascending rows: the gathers and scatters below walk memory in order
                 g = g.index_select(0, order)
-                state["step"] += 1
                 rows = p.index_select(0, idx)  # (N, D)
                 m = state["exp_avg"].index_select(0, idx)  # (N, D)
                 v = state["exp_avg_sq"].index_select(0, idx)  # (N, D)
@@ -211,9 +223,11 @@ class RowSparseOptimizer:
     sparse one's after them (parameter indices continue), so a checkpoint holds one plain optimizer state.
     """
 
-    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer):
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer,
+                 local: list[nn.Parameter] | None = None):
         self.dense, self.sparse = dense, sparse
-        self.tables: list[nn.Parameter] = [p for g in sparse.param_groups for p in g["params"]]
+        mine = {id(p) for p in local or []}  # row shards: their gradient is already every rank's, not exchanged
+        self.tables: list[nn.Parameter] = [p for g in sparse.param_groups for p in g["params"] if id(p) not in mine]
         self.scratch = getattr(sparse, "scratch", None) or RowScratch()
 
     @property
@@ -261,9 +275,71 @@ class RowSparseOptimizer:
                                                       for g in groups[n_dense:]]})
 
 
+def _param_indices(optimizer) -> dict[int, int]:
+    """``id(param)`` -> its index in ``optimizer.state_dict()`` (parameters numbered through the groups in order)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return {id(p): i for i, p in enumerate(params)}
+
+
+def _sharded_states(model: nn.Module, optimizer, state: dict) -> list[tuple[nn.Module, dict]]:
+    """(sharded table, its entry of ``state``) for every row-sharded table the optimizer has state for."""
+    index = _param_indices(optimizer)
+    out = []
+    for _, table in sharded_tables(model):
+        i = index.get(id(table.weight))
+        entry = state.get(i, state.get(str(i))) if i is not None else None
+        if entry is not None:
+            out.append((table, entry))
+    return out
+
+
+def whole_optimizer_state(model: nn.Module, optimizer) -> dict:
+    """``optimizer.state_dict()`` with the row-wise moments of every row-sharded table whole (a collective).
+
+    The layout an unsharded run's optimizer writes (``exp_avg``/``exp_avg_sq`` of ``(num_embeddings, D)``), so a
+    checkpoint resumes on any number of workers. Every rank must call it (one ``all_gather`` per moment).
+    """
+    from raylsm.models.sharded_embedding import full_weight
+
+    sd = optimizer.state_dict()
+    tables = _sharded_states(model, optimizer, sd["state"])
+    if not tables:
+        return sd
+    state = dict(sd["state"])
+    index = _param_indices(optimizer)
+    for table, entry in tables:
+        whole = {k: full_weight(table, v) if isinstance(v, Tensor) and v.dim() == 2 else v for k, v in entry.items()}
+        state[index[id(table.weight)]] = whole
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def local_optimizer_state(model: nn.Module, optimizer, state_dict: dict) -> dict:
+    """A whole-table optimizer state (:func:`whole_optimizer_state`, or an unsharded run's) with this rank's rows
+    of every row-sharded table's moments, ready for ``optimizer.load_state_dict``."""
+    from raylsm.models.sharded_embedding import local_rows
+
+    tables = _sharded_states(model, optimizer, state_dict["state"])
+    if not tables:
+        return state_dict
+    state = dict(state_dict["state"])
+    index = _param_indices(optimizer)
+    for table, entry in tables:
+        key = index[id(table.weight)] if index[id(table.weight)] in state else str(index[id(table.weight)])
+        state[key] = {k: local_rows(table, v) if isinstance(v, Tensor) and v.dim() == 2 and v.shape[0] == table.num_embeddings
+                      != table.weight.shape[0] else v for k, v in entry.items()}
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
 def split_parameters(model: nn.Module, sparse_tables: bool) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(dense parameters, table weights) of ``model``; with ``sparse_tables`` the tables switch to sparse gradients."""
-    tables = use_sparse_gradients(model) if sparse_tables else [t.weight for _, t in embedding_tables(model)]
+    """(dense parameters, table weights) of ``model``; with ``sparse_tables`` the tables switch to sparse gradients.
+
+    The tables, row-sharded ones included, in module order: a sharded model's optimizer numbers its parameters
+    as the unsharded model's does, so their checkpoints share one optimizer layout.
+    """
+    if sparse_tables:
+        use_sparse_gradients(model)
+    tables = [m.weight for _, m in model.named_modules()
+              if (isinstance(m, nn.Embedding) and m.weight.requires_grad) or getattr(m, "sharded", False)]
     ids = {id(p) for p in tables}
     return [p for p in model.parameters() if id(p) not in ids], tables
 
@@ -279,8 +355,11 @@ def build_optimizer(model: nn.Module, lr: float, fused: bool = True,
     parameters) and :class:`RowAdam` (tables) with the same learning rate, betas and eps.
     """
     if embedding_update == "dense":
+        if sharded_tables(model):
+            raise ValueError("train.embedding_sharding: row-sharded tables need train.embedding_update=sparse")
         return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
     if embedding_update != "sparse":
         raise ValueError(f"train.embedding_update: must be one of ['dense', 'sparse'], got {embedding_update!r}")
     dense, tables = split_parameters(model, sparse_tables=True)
-    return RowSparseOptimizer(torch.optim.Adam(dense, lr=lr, fused=fused or None), RowAdam(tables, lr=lr))
+    return RowSparseOptimizer(torch.optim.Adam(dense, lr=lr, fused=fused or None), RowAdam(tables, lr=lr),
+                              local=[t.weight for _, t in sharded_tables(model)])
