@@ -410,7 +410,10 @@ def test_default_output_size_and_build_from_preset():
     enc = build_context_encoder(preset_config("cain"), in_dim=IN, query_dim=Q, profile_dim=P)
     assert isinstance(enc, ContextEncoder) and enc.out_dim == IN
     assert len(enc.layers) == 4 and enc.aux_dim == 3 * 64
-    assert [layer.kernel for layer in enc.layers] == [15] * 4 and [layer.stride for layer in enc.layers] == [1, 4, 4, 4]
+    # The preset's context length is the measured cl 3 (kernel 7); the paper's reading cl 7 (kernel 15).
+    assert [layer.kernel for layer in enc.layers] == [7] * 4 and [layer.stride for layer in enc.layers] == [1, 4, 4, 4]
+    paper = build_context_encoder(preset_config("cain_paper"), in_dim=IN, query_dim=Q, profile_dim=P)
+    assert [layer.kernel for layer in paper.layers] == [15] * 4
     assert all(layer.generator is not None and layer.weight is None for layer in enc.layers)
     seq, mask, cand, profile = make_inputs()
     cr, aux = enc(seq, mask, cand, profile)

@@ -89,18 +89,25 @@ def test_stop_signals_run_the_sigint_handler_in_force(sig):
     from raylsm.train.run import stop_signals_interrupt
 
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    with stop_signals_interrupt():
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), sig)
-            time.sleep(1)  # the handler runs between bytecodes
-        seen = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
-        try:
-            os.kill(os.getpid(), sig)
-            time.sleep(0.2)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        assert seen == [signal.SIGINT]
+    # Python's own Ctrl-C handler in force (an earlier test in the same process may have left another).
+    saved_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stop_signals_interrupt():
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+                time.sleep(1)  # the handler runs between bytecodes
+            seen = []
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(0.2)
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            assert seen == [signal.SIGINT]
+        assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)} == {
+            s: before[s] for s in (signal.SIGTERM, signal.SIGHUP)}
+    finally:
+        signal.signal(signal.SIGINT, saved_int)
     assert {s: signal.getsignal(s) for s in before} == before
 
 
