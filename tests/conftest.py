@@ -95,7 +95,8 @@ class OffMetaSpy(TorchDispatchMode):
 
 @pytest.fixture(scope="session")
 def interrupted_run(tmp_path_factory):
-    """One ``raylsm train`` stopped with SIGINT, watched (processes, sockets) and shared by the security and fault tests."""
+    """A ``raylsm train`` killed with SIGKILL, then started again under its name and stopped with SIGTERM, watched
+    (processes, sockets) and shared by the security, signal and fault tests."""
     from tests.test_security import run_and_interrupt
 
     return run_and_interrupt(tmp_path_factory)

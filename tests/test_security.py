@@ -2,7 +2,8 @@
 
 The check reads the process table: every process of the run (the ``raylsm train`` process and all its
 descendants: GCS, raylet, agents, dashboard, training workers) and every socket they listen on. The same
-run is then stopped with SIGINT (Ctrl-C); ``tests/test_faults.py`` checks what that leaves behind.
+run is then stopped with SIGTERM; ``tests/test_faults.py`` and ``tests/test_signals.py`` check what that
+leaves behind.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ TINY = [
 
 @dataclass
 class InterruptedRun:
-    """What a ``raylsm train`` run looked like while training, and after SIGINT."""
+    """What a ``raylsm train`` run looked like while training, and after it was stopped (see :func:`run_and_interrupt`)."""
 
     listeners: list[tuple[str, int, str]] = field(default_factory=list)  # (ip, port, process name)
     processes: list[psutil.Process] = field(default_factory=list)  # the run's process tree, seen while training
@@ -42,6 +43,8 @@ class InterruptedRun:
     tracking_uri: str = ""
     seconds_to_exit: float = 0.0
     run_dir: Path | None = None  # the Ray Train run's storage folder (its checkpoints)
+    killed_checkpoints: dict[str, int] = field(default_factory=dict)  # the SIGKILLed first start's: folder -> epoch
+    killed_runs: list[tuple[str, str]] = field(default_factory=list)  # (MLflow run id, status) right after SIGKILL
 
 
 def _tree(root: psutil.Process) -> list[psutil.Process]:
@@ -84,30 +87,100 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-def run_and_interrupt(tmp_path_factory, sig: int = signal.SIGINT) -> InterruptedRun:
-    """One ``raylsm train`` in a child process: watched while it trains, then stopped with ``sig`` (Ctrl-C's SIGINT).
+def _checkpoint_epochs(run_dir: Path) -> dict[str, int]:
+    """Checkpoint folder name -> its epoch, for every whole checkpoint (its job.json written) in ``run_dir``."""
+    out = {}
+    for meta in run_dir.glob("checkpoint_*/job.json") if run_dir.exists() else []:
+        try:
+            out[meta.parent.name] = json.loads(meta.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            pass  # being written
+    return out
 
-    Behind the session fixture ``interrupted_run`` (tests/conftest.py): one run serves this file and test_faults."""
+
+def _kill_tree(processes: list[psutil.Process]) -> None:
+    for p in reversed(processes):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def _gone(processes: list[psutil.Process], timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes):
+                return True
+        except psutil.Error:
+            continue
+        time.sleep(0.3)
+    return False
+
+
+def _registered(run_dir: Path) -> set[str]:
+    """Checkpoint folders Ray Train has registered (its snapshot names them): the ones a restart resumes from."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        text = snapshot.read_text()
+    except OSError:
+        return set()
+    return {name for name in _checkpoint_epochs(run_dir) if name in text}
+
+
+def _until_checkpoint(proc: subprocess.Popen, root: psutil.Process, run_dir: Path, seen: set[str],
+                      deadline: float) -> None:
+    """Wait until ``proc`` has a registered checkpoint not in ``seen`` while its training worker runs."""
+    while time.time() < deadline and proc.poll() is None:
+        if _registered(run_dir) - seen and any("RayTrainWorker" in _cmdline(p) for p in _tree(root)):
+            return
+        time.sleep(0.5)
+    assert proc.poll() is None, f"raylsm train ended before it was stopped: {proc.communicate()[1][-3000:]}"
+    raise AssertionError("raylsm train did not reach a new checkpoint")
+
+
+def run_and_interrupt(tmp_path_factory, sig: int = signal.SIGTERM) -> InterruptedRun:
+    """Two starts of one ``raylsm train --name interrupted`` in child processes, watched while they train.
+
+    The first is killed with SIGKILL after its first checkpoint (its driver, then the Ray processes it
+    started), which leaves its MLflow run RUNNING. The second, the same command, must mark that run
+    FAILED, resume from its checkpoint, and is stopped with ``sig`` after its own first checkpoint
+    (SIGTERM runs the Ctrl-C handler: ``tests/test_signals.py``).
+
+    Behind the session fixture ``interrupted_run`` (tests/conftest.py): one sequence serves this file,
+    test_signals and test_faults."""
+    from mlflow.tracking import MlflowClient
+
     tmp = tmp_path_factory.mktemp("interrupted")
     data = small_world_dataset(tmp / "synth", rows=6000)
     out = InterruptedRun(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}  # a user's plain shell
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "RAYLSM_"))}  # a user's plain shell
     cmd = [sys.executable, "-m", "raylsm", "train", "--model", "lcn", "--data", str(data), "--epochs", "20",
            "--storage", str(tmp / "runs"), "--name", "interrupted", "--tracking-uri", out.tracking_uri, "--workers", "1"]
     for kv in TINY:
         cmd += ["--set", kv]
+    run_dir = out.run_dir = tmp / "runs" / "interrupted"
+    deadline = time.time() + 600
+
+    killed = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tree = [psutil.Process(killed.pid)]
+    try:
+        _until_checkpoint(killed, tree[0], run_dir, set(), deadline)
+        tree = _tree(tree[0])
+        killed.send_signal(signal.SIGKILL)  # the driver only: nothing of it runs to close its MLflow run
+        killed.communicate(timeout=60)
+    finally:
+        _kill_tree(tree)  # then the Ray processes it had started, none other
+    assert _gone(tree, 60), "the killed run's processes did not exit"
+    out.killed_checkpoints = {name: epoch for name, epoch in _checkpoint_epochs(run_dir).items()
+                              if name in _registered(run_dir)}
+    out.killed_runs = [(r.info.run_id, r.info.status) for r in MlflowClient(tracking_uri=out.tracking_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri=out.tracking_uri).search_experiments()])]
+
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
-    run_dir = out.run_dir = tmp / "runs" / "interrupted"
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            checkpoints = run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
-            if checkpoints and any("RayTrainWorker" in _cmdline(p) for p in _tree(root)):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, f"raylsm train ended before it was interrupted: {proc.communicate()[1][-3000:]}"
-        assert time.time() < deadline, "raylsm train did not reach its first checkpoint"
+        _until_checkpoint(proc, root, run_dir, set(out.killed_checkpoints), deadline)
         out.processes = _tree(root)
         out.names = [_name(p) for p in out.processes]
         out.listeners = _listening(out.processes)
@@ -118,8 +191,7 @@ def run_and_interrupt(tmp_path_factory, sig: int = signal.SIGINT) -> Interrupted
         out.returncode = proc.returncode
     finally:
         if proc.poll() is None:  # only this run's own tree, never a process by name
-            for p in reversed(_tree(root)):
-                p.kill()
+            _kill_tree(_tree(root))
     return out
 
 
@@ -471,32 +543,4 @@ def test_resume_from_is_checked_before_ray_and_mlflow(tiny_data: Path, tmp_path:
     assert _no_runs(db) and not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.ray
-def test_tune_with_a_token_in_the_tracking_uri_writes_and_prints_no_token(tmp_path: Path):
-    """``raylsm tune`` with ``sqlite:///...?token=S3CRET`` (a query MLflow's SQL store accepts): the search and its
-    trial are recorded, and the token is in no file of the storage, the store or the artifacts, nor in the output."""
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    data = small_world_dataset(tmp_path / "synth", rows=1200)
-    fixed = {kv.split("=", 1)[0]: yaml.safe_load(kv.split("=", 1)[1]) for kv in TINY}
-    space = tmp_path / "tok.yaml"
-    space.write_text(yaml.safe_dump({
-        "base": "lcn", "metric": "val_auc", "mode": "max", "trials": 1, "concurrency": 1,
-        "searcher": {"kind": "grid", "seed": 0}, "scheduler": {"kind": "fifo"},
-        "fixed": {**fixed, "train.epochs": 1, "train.max_steps_per_epoch": 3}, "params": {"train.seed": {"grid": [0]}}}))
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}?token={SECRET}"
-    cmd = [sys.executable, "-m", "raylsm", "tune", "--space", str(space), "--data", str(data), "--storage",
-           str(tmp_path / "runs"), "--tracking-uri", uri, "--name", "tok"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert SECRET not in proc.stdout and SECRET not in proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["tracking_uri"] == f"sqlite:///{db}?token=***"
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    child = client.get_run(result["best"]["mlflow_run_id"])
-    assert child.info.status == "FINISHED" and client.get_metric_history(child.info.run_id, "train_loss")
-    assert child.data.params["mlflow.tracking_uri"] == result["tracking_uri"]
-    assert list((tmp_path / "runs" / "tok").rglob("job.json")) and (tmp_path / "mlartifacts").is_dir()
-    assert _files_holding(tmp_path, SECRET.encode()) == [], "secret written to disk"
+# ``raylsm tune`` with a token in its tracking URI: tests/test_tune.py (the ASHA search).

@@ -1,7 +1,10 @@
 """Every run accounted for: SIGTERM and SIGHUP stop a training or a search as Ctrl-C does; a run whose driver
 was killed with SIGKILL is marked FAILED (with a note) when the same name starts again.
 
-Each test signals only the processes it started (its own ``raylsm`` child and that child's process tree).
+The end-to-end train checks read one shared sequence (the ``interrupted_run`` fixture: SIGKILL, the same
+``--name`` again, SIGTERM); SIGTERM on ``raylsm tune`` is the interruption of the resumed search in
+``tests/test_tune.py``. Each test signals only the processes it started (its own ``raylsm`` child and that
+child's process tree).
 """
 
 from __future__ import annotations
@@ -9,55 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import small_world_dataset
-from tests.test_security import TINY, run_and_interrupt
 
 NOTE = "raylsm.note"
-
-
-def _alive(processes: list[psutil.Process]) -> list[str]:
-    out = []
-    for p in processes:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(f"{p.pid} {p.name()}")
-        except psutil.Error:
-            pass
-    return out
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(proc.pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _kill_tree(processes: list[psutil.Process]) -> None:
-    for p in reversed(processes):
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 def _registered_checkpoints(run_dir: Path) -> list[Path]:
@@ -72,11 +34,6 @@ def _registered_checkpoints(run_dir: Path) -> list[Path]:
 def _all_runs(uri: str) -> list:
     client = MlflowClient(tracking_uri=uri)
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
-
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "RAYLSM_"))}
-    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 # ----------------------------------------------------------------------------- the handler
@@ -111,21 +68,19 @@ def test_stop_signals_run_the_sigint_handler_in_force(sig):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-# ----------------------------------------------------------------------------- SIGTERM on train
+# ----------------------------------------------------------------------------- SIGKILL, then the same --name, then SIGTERM
 
 
 @pytest.mark.ray
-def test_sigterm_stops_train_like_ctrl_c(tmp_path_factory):
-    run = run_and_interrupt(tmp_path_factory, signal.SIGTERM)
+def test_sigterm_stops_train_like_ctrl_c(interrupted_run):
+    """SIGTERM on ``raylsm train``: exit 130 with one line, no traceback, every registered checkpoint whole.
+    (Its MLflow run and processes: ``tests/test_faults.py``.)"""
+    run = interrupted_run
     assert run.returncode == 130, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
     # The driver's one line (Ray Data's progress bars on the same stream may run into it without a newline).
     ours = [line[line.index("raylsm: "):] for line in run.stderr.splitlines() if "raylsm: " in line]
     assert ours == ["raylsm: interrupted"], run.stderr[-3000:]
-    runs = _all_runs(run.tracking_uri)
-    assert runs and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
-    _wait_for(lambda: not _alive(run.processes), 30, "the run's Ray processes to exit")
-    assert len(run.processes) >= 4  # the driver, GCS, raylet, a training worker at least
     import torch
 
     kept = _registered_checkpoints(run.run_dir)
@@ -136,96 +91,27 @@ def test_sigterm_stops_train_like_ctrl_c(tmp_path_factory):
         assert state["model"] and state["epoch"] == meta["epoch"]
 
 
-# ----------------------------------------------------------------------------- SIGKILL, then the same --name
-
-
 @pytest.mark.ray
-def test_sigkilled_train_run_is_marked_failed_when_its_name_starts_again(tmp_path: Path):
-    data = small_world_dataset(tmp_path / "synth", rows=3000)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "raylsm", "train", "--model", "lcn", "--data", str(data), "--epochs", "2",
-           "--storage", str(tmp_path / "runs"), "--name", "again", "--tracking-uri", uri, "--workers", "1"]
-    for kv in TINY:
-        cmd += ["--set", kv]
-    run_dir = tmp_path / "runs" / "again"
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    tree: list[psutil.Process] = []
-    try:
-        _wait_for(lambda: bool(_registered_checkpoints(run_dir)) or first.poll() is not None, 600, "the first checkpoint")
-        assert first.poll() is None, first.communicate()[1][-3000:]
-        tree = _tree(first)
-        first.send_signal(signal.SIGKILL)  # the driver only: nothing of it runs to close its MLflow run
-        first.communicate(timeout=60)
-    finally:
-        _kill_tree(tree or _tree(first))  # then the Ray processes it had started, none other
-    _wait_for(lambda: not _alive(tree), 60, "the killed run's processes to exit")
-    (stale,) = _all_runs(uri)
-    assert stale.info.status == "RUNNING"  # what SIGKILL leaves
-
-    second = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    result = json.loads(second.stdout.strip().splitlines()[-1])
-    client = MlflowClient(tracking_uri=uri)
-    old = client.get_run(stale.info.run_id)
+def test_sigkilled_train_run_is_marked_failed_when_its_name_starts_again(interrupted_run):
+    """The first start, SIGKILLed after its first checkpoint, left its run RUNNING; the second start of the same
+    ``--name`` marked it FAILED with a note, opened a run of its own and resumed from the killed run's checkpoint."""
+    run = interrupted_run
+    (stale,) = run.killed_runs
+    assert stale[1] == "RUNNING"  # what SIGKILL leaves
+    client = MlflowClient(tracking_uri=run.tracking_uri)
+    old = client.get_run(stale[0])
     assert old.info.status == "FAILED" and "driver ended without closing it" in old.data.tags[NOTE], old.data.tags
-    new = client.get_run(result["mlflow_run_id"])
-    assert new.info.run_id != old.info.run_id and new.info.status == "FINISHED" and NOTE not in new.data.tags
-    assert result["epochs_run"] == 2  # resumed from the killed run's checkpoint
+    (new,) = [r for r in _all_runs(run.tracking_uri) if r.info.run_id != stale[0]]
+    assert new.info.status == "KILLED" and NOTE not in new.data.tags
+    # Resumed: the second start's first checkpoint is the epoch after the killed run's last one.
+    assert run.killed_checkpoints
+    epochs = {meta.parent.name: json.loads(meta.read_text())["epoch"] for meta in run.run_dir.glob("checkpoint_*/job.json")
+              if meta.parent.name not in run.killed_checkpoints}
+    assert epochs and min(epochs.values()) == max(run.killed_checkpoints.values()) + 1, (run.killed_checkpoints, epochs)
 
 
-# ----------------------------------------------------------------------------- SIGTERM on tune
-
-
-@pytest.mark.ray
-def test_sigterm_stops_tune_like_ctrl_c(tmp_path: Path):
-    import yaml
-
-    data = small_world_dataset(tmp_path / "synth", rows=3000)
-    fixed = {kv.split("=", 1)[0]: yaml.safe_load(kv.split("=", 1)[1]) for kv in TINY}
-    space = tmp_path / "sig.yaml"
-    space.write_text(yaml.safe_dump({
-        "base": "lcn", "metric": "val_auc", "mode": "max", "trials": 1, "concurrency": 1,
-        "searcher": {"kind": "grid", "seed": 0}, "scheduler": {"kind": "fifo"},
-        "fixed": {**fixed, "train.epochs": 20, "train.cpus_per_worker": 0.5},
-        "params": {"train.seed": {"grid": [0, 1]}}}))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "raylsm", "tune", "--space", str(space), "--data", str(data), "--storage",
-           str(tmp_path / "runs"), "--tracking-uri", uri, "--name", "sig"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    client = MlflowClient(tracking_uri=uri)
-    tree: list[psutil.Process] = []
-
-    def a_trial_epoch_logged() -> bool:
-        if proc.poll() is not None:
-            return True
-        try:
-            exp = client.get_experiment_by_name("raylsm")
-            runs = client.search_runs([exp.experiment_id], "tags.raylsm.trial_id != ''") if exp else []
-            return any(client.get_metric_history(r.info.run_id, "train_loss") for r in runs)
-        except Exception:  # the store is being created
-            return False
-
-    try:
-        _wait_for(a_trial_epoch_logged, 600, "a trial's first epoch")
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        tree = _tree(proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(_tree(proc))
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    assert "raylsm: interrupted" in err and "continue it with --resume --name sig" in err, err[-3000:]
-    runs = _all_runs(uri)
-    parent = [r for r in runs if r.data.tags.get("raylsm.kind") == "search"]
-    children = [r for r in runs if r.data.tags.get("raylsm.trial_id")]
-    assert len(parent) == 1 and parent[0].info.status == "KILLED"
-    assert children and all(c.info.status == "KILLED" for c in children), [c.info.status for c in children]
-    assert all(c.data.tags["raylsm.trial_status"] == "interrupted" for c in children)
-    _wait_for(lambda: not _alive(tree), 30, "the search's Ray processes to exit")
+# ----------------------------------------------------------------------------- a search's stale runs
+# (SIGTERM on ``raylsm tune`` end to end: tests/test_tune.py, the interrupted search that resumes.)
 
 
 def test_resumed_search_fails_the_runs_a_killed_driver_left_running(tmp_path: Path):

@@ -56,14 +56,22 @@ def _children(client: MlflowClient, parent: str) -> list:
 
 def test_search_asha_children_and_best(data: Path, tmp_path: Path):
     """2 trials run one after the other (lr 1e-2, then 1e-8), 2 epochs, ASHA after epoch 1: the 1e-8 trial's
-    validation logloss stays at its initial value while the 1e-2 trial's has dropped, so ASHA must stop it."""
+    validation logloss stays at its initial value while the 1e-2 trial's has dropped, so ASHA must stop it.
+
+    The tracking URI carries a token (``sqlite:///...?token=S3CRET``, a query MLflow's SQL store accepts): the
+    search is recorded, and the token is in no file of the storage, the store or the artifacts, nor in the output."""
+    from tests.test_security import SECRET, _files_holding
+
     space = _space(tmp_path, "asha", "asha", {"train.lr": {"grid": [0.01, 1.0e-8]}}, 2)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = _cli("--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
-                "--experiment", "t", tmp=tmp_path)
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    proc = _cli("--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri",
+                f"{uri}?token={SECRET}", "--experiment", "t", tmp=tmp_path)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
+    assert SECRET not in out and SECRET not in err
     result = json.loads(out.strip().splitlines()[-1])
+    assert result["tracking_uri"] == f"{uri}?token=***"
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED"
@@ -86,15 +94,43 @@ def test_search_asha_children_and_best(data: Path, tmp_path: Path):
     assert result["best"]["best_val_logloss"] == pytest.approx(best_of(best_child))
     # The child is a full training record: used params, headline metrics, dataset input, model.
     assert best_child.data.params["train.lr"] == "0.01" and "model.twin.k" not in best_child.data.params
+    assert best_child.data.params["mlflow.tracking_uri"] == result["tracking_uri"]
     assert best_child.data.metrics["auc"] == pytest.approx(result["best"]["auc"])
     assert best_child.inputs.dataset_inputs and best_child.inputs.dataset_inputs[0].dataset.digest
     # The parent holds the space file, the trials table and the best config.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"asha.yaml", "trials.csv", "best.json"} <= artifacts
     assert parent.data.params["best.train.lr"] == "0.01" and parent.data.params["search.scheduler"] == "asha"
+    assert list((tmp_path / "runs").rglob("job.json")) and (tmp_path / "mlartifacts").is_dir()
+    assert _files_holding(tmp_path, SECRET.encode()) == [], "secret written to disk"
+
+
+def _tree(proc: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(processes: list) -> list[str]:
+    import psutil
+
+    out = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.name()}")
+        except psutil.Error:
+            pass
+    return out
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path, tmp_path: Path):
+    """SIGTERM once a trial has finished and the next one trains (as Ctrl-C): exit 130 with one line, the parent
+    and the interrupted child KILLED, the search's Ray processes gone. ``--resume`` then trains only the rest."""
     space = _space(tmp_path, "resume", "fifo", {"train.seed": {"grid": [0, 1, 2]}}, 1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
@@ -103,23 +139,38 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 600
     finished: list = []
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(2)
-        try:
-            exp = client.get_experiment_by_name("raylsm")
-            runs = client.search_runs([exp.experiment_id], filter_string="tags.raylsm.trial_id != ''") if exp else []
-        except Exception:
-            continue
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        if len(finished) >= 1:
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=300)
-    assert len(finished) >= 1 and proc.returncode != 0, (proc.returncode, err[-3000:])
+    tree: list = []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                exp = client.get_experiment_by_name("raylsm")
+                runs = client.search_runs([exp.experiment_id], filter_string="tags.raylsm.trial_id != ''") if exp else []
+            except Exception:  # the store is being created
+                continue
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+            if finished and any(r.info.status == "RUNNING" for r in runs):
+                tree = _tree(proc)
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            for p in reversed(_tree(proc)):
+                p.kill()
+    assert finished and tree and proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert "raylsm: interrupted" in err and "continue it with --resume --name small-search" in err, err[-3000:]
     first = {r.data.tags["raylsm.trial_id"] for r in finished}
     parent_id = finished[0].data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).info.status == "KILLED"
-    assert all(c.info.status != "RUNNING" for c in _children(client, parent_id))
+    stopped = [c for c in _children(client, parent_id) if c.data.tags["raylsm.trial_id"] not in first]
+    assert stopped and all(c.info.status == "KILLED" for c in stopped), [c.info.status for c in stopped]
+    assert all(c.data.tags["raylsm.trial_status"] == "interrupted" for c in stopped)
+    deadline = time.time() + 30
+    while _alive(tree) and time.time() < deadline:
+        time.sleep(0.3)
+    assert not _alive(tree), _alive(tree)
 
     proc = _cli(*args, "--resume", tmp=tmp_path)
     out, err = proc.communicate(timeout=900)
