@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -71,6 +70,18 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     # the steps, the gap on this tiny data has been seen at 0.068 (one full-suite run), hence the margin.
     assert abs(results[1]["auc"] - results[2]["auc"]) < 0.1
 
+    # --resume-from: a new run continues from a given checkpoint (its weights, optimizer and epoch) and trains
+    # only the epochs after it. (Resuming a run of the same name from its own checkpoints, as Ray hands them back:
+    # the SIGKILL-then-restart sequence of tests/test_signals.py.)
+    state, _ = load_checkpoint(results[1]["checkpoint"])
+    assert state["epoch"] == results[1]["epoch"]
+    resumed = run_training(_job(tiny_data, tmp_path, f"train.epochs={state['epoch'] + 2}", "train.workers=1",
+                                "name=from-ckpt", f"resume_from={results[1]['checkpoint']}"))
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=resumed["tracking_uri"]).get_metric_history(resumed["mlflow_run_id"], "test_auc")
+    assert [m.step for m in history] == [state["epoch"] + 1]
+
     # `raylsm eval` on the best checkpoint reproduces the run's figures.
     from raylsm.cli import main
 
@@ -81,7 +92,6 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
 
     # MLflow: params, per-epoch metrics, tags, and a model that reloads and scores a batch.
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     r = results[2]
     client = MlflowClient(tracking_uri=r["tracking_uri"])
@@ -118,22 +128,6 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     with torch.no_grad():
         expected = torch.sigmoid(ckpt_model(batch)[0]).numpy()
     np.testing.assert_allclose(np.asarray(loaded.predict(frame)), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_resume_continues_from_saved_epoch(ray_local, tiny_data, tmp_path):
-    first = run_training(_job(tiny_data, tmp_path, "train.epochs=1", "name=resume"))
-    assert first["epoch"] == 0
-    state, _ = load_checkpoint(first["checkpoint"])
-    assert state["epoch"] == 0
-    # Same name + storage: Ray hands the latest checkpoint back; only epoch 1 is trained.
-    second = run_training(_job(tiny_data, tmp_path, "train.epochs=2", "name=resume"))
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=second["tracking_uri"])
-    assert [m.step for m in client.get_metric_history(second["mlflow_run_id"], "test_auc")] == [1]
-    # --resume-from: continue a new run from a given checkpoint.
-    third = run_training(_job(tiny_data, tmp_path, "train.epochs=2", "name=from-ckpt", f"resume_from={first['checkpoint']}"))
-    assert [m.step for m in client.get_metric_history(third["mlflow_run_id"], "test_auc")] == [1]
 
 
 def own_train_workers() -> list:
