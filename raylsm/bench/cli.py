@@ -27,8 +27,8 @@ def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def log_result(result: dict, args: argparse.Namespace) -> str | None:
-    """One run in the MLflow experiment (``--experiment``, default ``bench``); returns its id."""
+def log_result(result: dict, args: argparse.Namespace, artifacts=()) -> str | None:
+    """One run in the MLflow experiment (``--experiment``, default ``bench``), with the files ``artifacts``; returns its id."""
     import json
 
     from raylsm.train.config import default_tracking_uri
@@ -47,6 +47,8 @@ def log_result(result: dict, args: argparse.Namespace) -> str | None:
         for k, v in flat_metrics(result).items():
             client.log_metric(run_id, k.replace(":", "_"), v)
         client.log_text(run_id, json.dumps(result, indent=2), "bench.json")
+        for path in artifacts:
+            client.log_artifact(run_id, path)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -57,17 +59,18 @@ def log_result(result: dict, args: argparse.Namespace) -> str | None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the subcommand named by ``args.bench``, log it to MLflow (unless ``--no-mlflow``), return its JSON."""
-    from raylsm.bench import ray_runs, scale, startup
+    from raylsm.bench import ray_runs, scale, startup, suite
 
     runners = {"step": run_step, "memory": run_memory, "latency": run_latency,
                "ingest": ray_runs.run_ingest, "train": ray_runs.run_train, "startup": startup.run_startup,
-               "scale": scale.run_scale}
+               "scale": scale.run_scale, "suite": suite.run_suite}
     started = time.perf_counter()
     result = runners[args.bench](args)
-    result["seconds"] = round(time.perf_counter() - started, 1)
+    result.setdefault("seconds", round(time.perf_counter() - started, 1))  # the suite's own, as in its reports
     if not args.no_mlflow:
         try:
-            result["mlflow_run_id"] = log_result(result, args)
+            # the suite's reports (JSON and Markdown) go with its run as files
+            result["mlflow_run_id"] = log_result(result, args, artifacts=result.get("reports", {}).values())
         except Exception as e:  # the figures are printed whatever the store does
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             log(f"raylsm: bench result not logged to MLflow ({reason})")
@@ -80,7 +83,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def add_bench_parsers(bench: argparse.ArgumentParser) -> None:
     """The ``raylsm bench <name>`` subcommands and their options."""
-    sub = bench.add_subparsers(dest="bench", required=True, metavar="{ingest,step,train,latency,memory,startup,scale}")
+    sub = bench.add_subparsers(dest="bench", required=True, metavar="{ingest,step,train,latency,memory,startup,scale,suite}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -160,5 +163,7 @@ def add_bench_parsers(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for one `raylsm train`")
 
     from raylsm.bench.scale import add_scale_parser
+    from raylsm.bench.suite import add_suite_parser
 
     add_scale_parser(sub, common)
+    add_suite_parser(sub, common)

@@ -1,0 +1,164 @@
+"""`raylsm bench suite`: one quick run of every part (tiny sizes, CPU) whose JSON and Markdown reports agree with its
+last stdout line and whose per-part ratios are those parts' own quotients; the budget's shares, shrinking and
+skipping (a fake clock, and a real 1 s budget); one-line errors for bad options.
+
+The quick run is the file's main cost (about four minutes on two cores: three fresh local Ray clusters among
+its parts); everything else takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from raylsm.bench import suite
+from raylsm.cli import main
+
+QUICK_PARTS = ["step-b8", "step-b16", "latency", "memory", "scale", "ingest", "train", "startup"]
+
+
+def _suite(out, *argv: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run([sys.executable, "-m", "raylsm", "bench", "suite", "--device", "cpu", "--quick", "--no-mlflow",
+                           "--out", str(out), *argv], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite") / "report"
+    _, line = _suite(out)
+    return out, line, json.loads((out / "suite.json").read_text()), (out / "suite.md").read_text()
+
+
+def _section(md: str, name: str) -> list[str]:
+    """The lines of the Markdown section ``## name``."""
+    lines = md.split("\n")
+    start = lines.index(f"## {name}") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
+@pytest.mark.ray
+def test_quick_suite_runs_every_part_and_its_reports_agree_with_its_last_line(quick):
+    out, line, report, md = quick
+    assert line["bench"] == "suite" and list(line["parts"]) == QUICK_PARTS
+    failed = {n: report["details"][n].get("stderr_tail") for n, p in line["parts"].items() if p["status"] != "ok"}
+    assert not failed
+    assert line["reports"] == {"json": str(out / "suite.json"), "markdown": str(out / "suite.md")}
+    assert {k: report[k] for k in line} == line  # the report holds the line's content, and more
+    assert set(report) - set(line) == {"command", "started_utc", "machine", "details"}
+    assert report["machine"]["cpus"] == os.cpu_count() and report["command"].startswith("raylsm bench suite --device cpu")
+    assert sum(p["seconds"] for p in line["parts"].values()) <= line["seconds"] <= line["budget_s"]
+    for name, d in report["details"].items():
+        assert d["result"]["bench"] == d["bench"] and line["parts"][name]["ratio"] == d["result"]["ratio"]
+        assert d["seconds"] <= d["timeout_s"] <= line["budget_s"]
+
+
+@pytest.mark.ray
+def test_quick_suite_ratios_are_each_parts_own_quotients(quick):
+    from raylsm.models.registry import PRESETS
+
+    details = quick[2]["details"]
+    r = {name: d["result"] for name, d in details.items()}
+    for b in (8, 16):
+        rows = r[f"step-b{b}"]["results"]
+        assert {x["model"] for x in rows} == {"lcn", "cain", "lap"} and {x["batch"] for x in rows} == {b}  # --quick's three
+        short, long_ = [x for x in rows if x["model"] == "lcn"]  # lcn is first: it carries the ratio
+        assert (short["ll_len"], long_["ll_len"]) == (12, 24)
+        assert r[f"step-b{b}"]["ratio"] == pytest.approx(long_["train_ms_fp32"] / short["train_ms_fp32"], rel=1e-2, abs=1e-3)
+    ms = {x["model"]: x["ms"] for x in r["latency"]["results"]}
+    assert set(ms) == set(PRESETS) and r["latency"]["ratio"] == pytest.approx(ms["lcn"] / ms["sim_soft"], rel=1e-2)
+    peak = {x["model"]: x["peak_rss_mb"] for x in r["memory"]["results"]}
+    assert r["memory"]["ratio"] == pytest.approx(peak["lcn"] / peak["lap"], rel=1e-2)
+    scale = {(x["mode"], x["workers"], x["item_vocab"]): x["step_ms"] for x in r["scale"]["results"]}
+    for key, ratio in r["scale"]["ratio"].items():
+        mode, w = key.split("/")
+        assert ratio == pytest.approx(scale[(mode, int(w[:-1]), 3000)] / scale[(mode, int(w[:-1]), 50)], rel=1e-2)
+    ingest = r["ingest"]
+    assert list(ingest["ray_rows_per_s"]) == suite.cpu_steps(os.cpu_count()).split(",")  # up to all the node's CPUs
+    assert ingest["ratio"] == ingest["scaling"][str(os.cpu_count())]
+    assert r["train"]["ratio"] == pytest.approx(r["train"]["ray_samples_per_s"] / r["train"]["step_only_samples_per_s"], rel=1e-2)
+    assert r["startup"]["ratio"] == pytest.approx(r["startup"]["seconds_to_first_batch"] / r["startup"]["in_process_seconds"], rel=1e-2)
+
+
+@pytest.mark.ray
+def test_quick_suite_markdown_has_a_table_per_part(quick):
+    _, line, report, md = quick
+    summary = [x for x in _section(md, "Parts") if x.startswith("| ")]
+    assert len(summary) == 1 + len(QUICK_PARTS)  # header and one row per part
+    for name, d in report["details"].items():
+        rows = [x for x in _section(md, name) if x.startswith("|")]
+        assert rows[1].startswith("|---|"), name
+        figures = d["result"].get("results")
+        expected = len(figures) if isinstance(figures, list) else {"ingest": 1 + len(d["result"].get("scaling", {})),
+                                                                   "train": 1, "startup": 3}[d["bench"]]
+        assert len(rows) == 2 + expected, name
+    step = _section(md, "step-b8")
+    lcn_short = next(x for x in report["details"]["step-b8"]["result"]["results"] if x["model"] == "lcn")
+    assert any(x.startswith(f"| lcn | 8 | 12 | {suite._fmt(lcn_short['train_ms_fp32'])} |") for x in step)
+
+
+def test_a_spent_budget_skips_the_later_parts_and_still_writes_both_reports(tmp_path):
+    _, line = _suite(tmp_path / "r", "--budget", "1")
+    first, *rest = line["parts"].values()
+    assert list(line["parts"]) == QUICK_PARTS and first["status"] == "timeout" and first["ratio"] is None
+    assert all(p["status"] == "skipped" and p["seconds"] == 0 for p in rest)
+    report = json.loads((tmp_path / "r" / "suite.json").read_text())
+    assert report["details"]["step-b8"]["timeout_s"] <= 1 and "stderr_tail" in report["details"]["step-b8"]
+    md = (tmp_path / "r" / "suite.md").read_text()
+    assert all("Skipped: budget spent." in _section(md, name) for name in QUICK_PARTS[1:])
+    assert "timeout after" in "\n".join(_section(md, "step-b8"))
+
+
+def test_budget_shares_shrink_the_step_table_and_never_pass_the_budget(monkeypatch):
+    """A fake clock: the first step part takes 95 of 100 s; the larger batch is shrunk away (its share is less than
+    what the smaller one took), latency gets the 5 s left (not its 10 s floor), and the rest is skipped."""
+    import argparse
+
+    class Clock:
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock, timeouts = Clock(), {}
+
+    def fake_run(part, timeout):
+        timeouts[part.name] = timeout
+        took = 95.0 if part.name == "step-b8" else timeout
+        clock.now += took
+        return {"bench": part.bench, "argv": part.argv, "status": "ok" if took < timeout else "timeout", "seconds": took}
+
+    monkeypatch.setattr(suite, "time", clock)
+    monkeypatch.setattr(suite, "run_part", fake_run)
+    todo = suite.plan(argparse.Namespace(quick=True, device="cpu", parts=list(suite.PARTS)))
+    records = suite.run_parts(todo, budget=100.0)
+    assert timeouts["step-b8"] == pytest.approx(100 * 2.0 / sum(suite.WEIGHTS[p.bench] for p in todo))
+    assert records["step-b16"]["status"] == "skipped" and records["step-b16"]["reason"].startswith("shrunk: step-b8 took 95 s")
+    assert records["latency"]["status"] == "timeout" and timeouts["latency"] == pytest.approx(5.0)
+    assert [records[n]["reason"] for n in QUICK_PARTS[3:]] == ["budget spent"] * 5 and clock.now == pytest.approx(100.0)
+
+
+def test_ingest_cpus_go_up_to_all_of_the_node():
+    assert [suite.cpu_steps(n) for n in (1, 2, 6, 16)] == ["1", "1,2", "1,2,4,6", "1,2,4,8,16"]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--budget", "0"], "--budget"),
+    (["--parts", "step,nope"], "--parts"),
+    (["--device", "cuda"], "--device cuda"),
+])
+def test_mistakes_are_one_line_errors(capsys, tmp_path, argv, option):
+    import torch
+
+    if option == "--device cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["bench", "suite", *argv, "--out", str(tmp_path / "r"), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"raylsm: error: {option}")
+    assert not (tmp_path / "r").exists()  # nothing written for a command that did not run
