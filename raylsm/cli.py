@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from raylsm.bench.cli import add_bench_parsers
 
-    p = sub.add_parser("bench", help="benchmarks: ingest, step, train, latency, memory, startup, scale (JSON with a ratio)")
+    p = sub.add_parser("bench", help="benchmarks: ingest, step, train, latency, memory, startup, scale, suite (JSON with a ratio)")
     add_bench_parsers(p)
     p.set_defaults(fn=cmd_bench)
     return parser
