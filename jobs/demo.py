@@ -26,7 +26,8 @@ from pathlib import Path
 from raylsm.cli import emit
 from raylsm.data.contract import read_manifest, validate_dataset
 from raylsm.train.config import default_tracking_uri, resolve_job
-from raylsm.train.run import ensure_ray, run_training
+from raylsm.train.cluster import ensure_ray
+from raylsm.train.run import run_training
 
 
 DEMO_WORLD = {"interests": 8, "cates_per_interest": 1, "tgt_items": 500, "src_items": 2000}

@@ -82,3 +82,56 @@ def test_only_raylsm_is_installed():
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["raylsm*"]
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """What ``from module import name`` can take from the module at ``path``: its definitions, assignments and
+    imports at module level (inside ``if``/``try`` blocks too), and for a package its submodules."""
+    names: set[str] = set()
+    body = list(ast.parse(path.read_text()).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try)):
+            body.extend(node.body + node.orelse + getattr(node, "finalbody", [])
+                        + [s for h in getattr(node, "handlers", []) for s in h.body])
+    if path.name == "__init__.py":
+        names.update(p.stem if p.is_file() else p.name for p in path.parent.iterdir()
+                     if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file())
+    return names
+
+
+def test_every_raylsm_import_names_something_that_exists():
+    """A module moved or a function renamed must not leave a stale import behind anywhere, lazy imports and the
+    entry points in ``jobs/`` included (nothing else imports ``jobs/demo.py`` before CI runs it)."""
+    modules = _modules()
+    exported = {m: _top_level_names(p) for m, p in modules.items()}
+    stale = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "jobs").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+                    node.module == "raylsm" or node.module.startswith("raylsm.")):
+                if node.module not in modules:
+                    stale.append(f"{path.relative_to(ROOT)}:{node.lineno}: no module {node.module}")
+                    continue
+                stale += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module} has no {a.name}"
+                          for a in node.names if a.name != "*" and a.name not in exported[node.module]]
+            elif isinstance(node, ast.Import):
+                stale += [f"{path.relative_to(ROOT)}:{node.lineno}: no module {a.name}" for a in node.names
+                          if a.name.startswith("raylsm.") and a.name not in modules]
+    assert not stale, stale
+
+
+def test_the_stale_import_check_sees_a_missing_name(tmp_path):
+    """The check above, switched on a module that lacks the name: it must report it."""
+    module = tmp_path / "m.py"
+    module.write_text("from x import a\nif True:\n    b = 1\ndef c():\n    pass\n")
+    assert _top_level_names(module) == {"a", "b", "c"}
+    assert "ensure_ray" not in _top_level_names(PACKAGE / "train" / "run.py")
+    assert "ensure_ray" in _top_level_names(PACKAGE / "train" / "cluster.py")
