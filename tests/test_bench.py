@@ -100,6 +100,37 @@ def test_train_ratio_is_ray_over_step_only(capsys, ray_local, tiny_data):
     assert 0 < out["ratio"] < 5
 
 
+@pytest.mark.ray
+def test_stream_samples_every_workers_memory_over_the_rows_it_reads(capsys, ray_local, tiny_data):
+    """2 workers x 6 steps x 32 rows through Ray Data: every step's rows are counted, each worker is sampled before
+    the first step, every 2 steps and after the last, and the figures are the stated functions of the samples."""
+    out = _run(capsys, "stream", "--data", tiny_data, "--steps", "6", "--batch", "32", "--workers", "2",
+               "--cpus-per-worker", "0.5", "--sample-every", "2", "--warmup", "0.3", *TINY_JOB, "--no-mlflow")
+    assert (out["workers"], out["steps"], out["ll_len"]) == (2, 6, 30) and len(out["per_worker"]) == 2
+    assert out["rows_read"] == 2 * 6 * 32
+    for w in out["per_worker"]:
+        assert [p["steps"] for p in w["curve"]] == [0, 2, 4, 6]
+        assert [p["rows"] for p in w["curve"]] == [0, 64, 128, 192]
+        assert all(p["rss_mb"] >= p["private_mb"] > 50 for p in w["curve"])  # a process with torch loaded
+        assert w["start"]["steps"] == 2 and w["end"]["steps"] == 6  # the first sample at >= 30 % of the steps
+        assert w["ratio"] == pytest.approx(w["end"]["rss_mb"] / w["start"]["rss_mb"], abs=1e-3)
+        assert w["peak_rss_mb"] == max(p["rss_mb"] for p in w["curve"])
+    assert out["ratio"] == max(w["ratio"] for w in out["per_worker"])
+
+
+def test_stream_summary_of_a_curve_that_grows_and_one_that_does_not():
+    """The memory summary on made-up samples: a worker whose RSS grows 10 MiB per 1 000 rows has that slope and
+    end / start ratio; a flat one has slope 0 and ratio 1."""
+    from raylsm.bench.stream import summarise
+
+    growing = [[s, s, 100 * s, 500 + s, 400 + s] for s in range(11)]  # 1 MiB per step of 100 rows
+    out = summarise(growing, steps=10, warmup=0.2)
+    assert out["start"]["steps"] == 2 and out["end"]["steps"] == 10 and out["middle"]["steps"] == 6
+    assert out["slope_mb_per_million_rows"] == pytest.approx(10_000) and out["ratio"] == round(510 / 502, 3)
+    flat = summarise([[s, s, 100 * s, 500.0, 400.0] for s in range(11)], steps=10, warmup=0.2)
+    assert flat["slope_mb_per_million_rows"] == 0 and flat["ratio"] == 1.0 and flat["rows_read"] == 1000
+
+
 @pytest.mark.parametrize("cluster", ["fresh", "running"])
 def test_startup_times_the_first_batch_of_a_real_train_command(capsys, tiny_data, cluster):
     """``running``: the runs join one local cluster started before them, whose workers do not inherit the
@@ -177,6 +208,8 @@ def test_local_cluster_polls_workers_every_half_second_unless_the_user_says(monk
     (["step", "--ll-len", "500,x"], "--ll-len"),
     (["step", "--dtypes", "bf16"], "--dtypes bf16"),
     (["latency", "--device", "cuda"], "--device cuda"),
+    (["stream", "--steps", "0"], "--steps"),
+    (["stream", "--warmup", "1"], "--warmup"),
 ])
 def test_mistakes_are_one_line_errors(capsys, argv, option):
     import torch

@@ -14,6 +14,8 @@ memory     peak RSS (CPU) / peak GPU memory of one training process per model   
 startup    seconds from ``raylsm train`` starting to its first training batch   Ray ÷ the in-process path
 scale      step time and per-worker memory vs item vocabulary and                per mode and workers: step at the
            embedding mode, 1 and 2 workers (:mod:`raylsm.bench.scale`)           largest vocabulary ÷ at the smallest
+stream     per-worker RSS over a bounded run streaming a dataset through Ray    RSS at the end ÷ after the warm-up
+           Data (:mod:`raylsm.bench.stream`)                                     (largest over the workers)
 suite      every part above in one command within ``--budget`` s, each in a      per part: that part's own ``ratio``
            child process; JSON and Markdown reports (:mod:`raylsm.bench.suite`)
 =========  ====================================================================  ===========================================

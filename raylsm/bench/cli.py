@@ -59,11 +59,11 @@ def log_result(result: dict, args: argparse.Namespace, artifacts=()) -> str | No
 
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the subcommand named by ``args.bench``, log it to MLflow (unless ``--no-mlflow``), return its JSON."""
-    from raylsm.bench import ray_runs, scale, startup, suite
+    from raylsm.bench import ray_runs, scale, startup, stream, suite
 
     runners = {"step": run_step, "memory": run_memory, "latency": run_latency,
                "ingest": ray_runs.run_ingest, "train": ray_runs.run_train, "startup": startup.run_startup,
-               "scale": scale.run_scale, "suite": suite.run_suite}
+               "scale": scale.run_scale, "stream": stream.run_stream, "suite": suite.run_suite}
     started = time.perf_counter()
     result = runners[args.bench](args)
     result.setdefault("seconds", round(time.perf_counter() - started, 1))  # the suite's own, as in its reports
@@ -83,7 +83,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def add_bench_parsers(bench: argparse.ArgumentParser) -> None:
     """The ``raylsm bench <name>`` subcommands and their options."""
-    sub = bench.add_subparsers(dest="bench", required=True, metavar="{ingest,step,train,latency,memory,startup,scale,suite}")
+    sub = bench.add_subparsers(dest="bench", required=True, metavar="{ingest,step,train,latency,memory,startup,scale,stream,suite}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -163,7 +163,9 @@ def add_bench_parsers(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for one `raylsm train`")
 
     from raylsm.bench.scale import add_scale_parser
+    from raylsm.bench.stream import add_stream_parser
     from raylsm.bench.suite import add_suite_parser
 
     add_scale_parser(sub, common)
+    add_stream_parser(sub, common)
     add_suite_parser(sub, common)
