@@ -101,8 +101,10 @@ def test_stream_summary_of_a_curve_that_grows_and_one_that_does_not():
     out = summarise(growing, steps=10, warmup=0.2)
     assert out["start"]["steps"] == 2 and out["end"]["steps"] == 10 and out["middle"]["steps"] == 6
     assert out["slope_mb_per_million_rows"] == pytest.approx(10_000) and out["ratio"] == round(510 / 502, 3)
+    assert out["private_slope_mb_per_million_rows"] == pytest.approx(10_000) and out["private_ratio"] == round(410 / 402, 3)
     flat = summarise([[s, s, 100 * s, 500.0, 400.0] for s in range(11)], steps=10, warmup=0.2)
     assert flat["slope_mb_per_million_rows"] == 0 and flat["ratio"] == 1.0 and flat["rows_read"] == 1000
+    assert flat["private_slope_mb_per_million_rows"] == 0 and flat["private_ratio"] == 1.0
 
 
 def test_startup_on_a_running_cluster_times_the_first_batch_of_a_real_train_command(capsys, tiny_data):
@@ -185,6 +187,7 @@ def test_local_cluster_polls_workers_every_half_second_unless_the_user_says(monk
     (["latency", "--device", "cuda"], "--device cuda"),
     (["stream", "--steps", "0"], "--steps"),
     (["stream", "--warmup", "1"], "--warmup"),
+    (["stream", "--object-store-mb", "50"], "--object-store-mb"),
 ])
 def test_mistakes_are_one_line_errors(capsys, argv, option):
     import torch

@@ -10,7 +10,10 @@ the object store's blocks it maps) and the rows it has read; the samples are gat
 
 ``ratio``: the largest, over the workers, of RSS at the end ÷ RSS once ``--warmup`` of the steps are done (the
 model, the optimizer's moments and the first blocks allocated); ``slope_mb_per_million_rows``: least-squares
-growth of RSS against rows read after the warm-up (flat = about 0). Progress (one line per sample, from rank 0)
+growth of RSS against rows read after the warm-up (flat = about 0); ``private_ratio`` and
+``private_slope_mb_per_million_rows``: the same for the private part. RSS also counts the pages of the node's
+object store the worker has mapped while reading blocks zero-copy: that part rises towards the store's size
+(``--object-store-mb`` for a local cluster) whatever the rows read; the private part is the worker's own. Progress (one line per sample, from rank 0)
 goes to stderr; the JSON is the last stdout line.
 """
 
@@ -107,14 +110,17 @@ def summarise(samples: list[list[float]], steps: int, warmup: float) -> dict:
     after = [s for s in samples if s[1] >= warmup * steps] or samples[-1:]
     start, end = after[0], samples[-1]
     middle = min(after, key=lambda s: abs(s[2] - (start[2] + end[2]) / 2))
-    slope = _fit_line([s[2] / 1e6 for s in after], [s[3] for s in after]) if len(after) > 1 else 0.0
+    millions = [s[2] / 1e6 for s in after]
+    slope = _fit_line(millions, [s[3] for s in after]) if len(after) > 1 else 0.0
+    private_slope = _fit_line(millions, [s[4] for s in after]) if len(after) > 1 else 0.0
 
     def point(s: list[float]) -> dict:
         return {"seconds": s[0], "steps": int(s[1]), "rows": int(s[2]), "rss_mb": s[3], "private_mb": s[4]}
 
     return {"start": point(start), "middle": point(middle), "end": point(end), "rows_read": int(end[2]),
             "peak_rss_mb": max(s[3] for s in samples), "ratio": round(end[3] / start[3], 3),
-            "slope_mb_per_million_rows": round(slope, 2),
+            "slope_mb_per_million_rows": round(slope, 2), "private_ratio": round(end[4] / start[4], 3),
+            "private_slope_mb_per_million_rows": round(private_slope, 2),
             "curve": [point(s) for s in samples]}
 
 
@@ -137,6 +143,8 @@ def run_stream(args: argparse.Namespace) -> dict:
     for name in ("steps", "workers", "batch", "sample_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.object_store_mb is not None and args.object_store_mb < 100:
+        raise ValueError(f"--object-store-mb: must be >= 100 (Ray's own minimum is about 75 MiB), got {args.object_store_mb}")
     if not 0 <= args.warmup < 1:
         raise ValueError(f"--warmup: must be in [0, 1), got {args.warmup}")
     with tempfile.TemporaryDirectory(prefix="raylsm-bench-") as tmp:
@@ -152,7 +160,7 @@ def run_stream(args: argparse.Namespace) -> dict:
         if args.steps * args.batch * args.workers > rows:
             raise ValueError(f"--steps: {args.steps} steps x {args.batch} rows x {args.workers} workers is more than the "
                              f"{rows} training rows of {data}")
-        ensure_ray(quiet=True)
+        ensure_ray(quiet=True, object_store_mb=args.object_store_mb)
         spec = collate_spec(job.data, manifest)
         dataset = read_split(data, "train", spec, job.data.block_rows, shuffle_seed=job.train.seed,
                              task_cpus=job.data.task_cpus, concurrency=job.data.read_concurrency or None,
@@ -193,10 +201,13 @@ def run_stream(args: argparse.Namespace) -> dict:
     workers = [summarise(s, args.steps, args.warmup) for s in result.metrics["samples"]]
     return {
         "bench": "stream", "device": device.type, "model": args.model, "data": args.data, "dataset_rows": rows,
+        "object_store_mb": args.object_store_mb,
         "ll_len": ll_len, "batch": args.batch, "workers": args.workers, "steps": args.steps,
         "ratio": max(w["ratio"] for w in workers),
         "ratio_is": "largest over the workers of RSS at the end / RSS after the warm-up steps",
         "slope_mb_per_million_rows": max(w["slope_mb_per_million_rows"] for w in workers),
+        "private_ratio": max(w["private_ratio"] for w in workers),
+        "private_slope_mb_per_million_rows": max(w["private_slope_mb_per_million_rows"] for w in workers),
         "rows_read": sum(w["rows_read"] for w in workers), "train_seconds": round(seconds, 1),
         "per_worker": workers, "machine": machine(),
     }
@@ -218,5 +229,9 @@ def add_stream_parser(sub, common) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--sample-every", type=int, default=10, help="steps between memory samples")
+    p.add_argument("--object-store-mb", type=int,
+                   help="object store of the local cluster this starts, MiB (default: Ray's, 30 %% of the memory). "
+                        "A worker's RSS counts the store's pages it has mapped (the blocks it read, zero-copy): "
+                        "up to the store's size, however many rows flow")
     p.add_argument("--warmup", type=float, default=0.1,
                    help="share of the steps before the reference sample of `ratio` (default 0.1)")

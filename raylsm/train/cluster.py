@@ -15,7 +15,7 @@ LOCAL_HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll interval on a
 
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, str] | None = None,
-               before_start: Callable[[], object] | None = None) -> None:
+               before_start: Callable[[], object] | None = None, object_store_mb: int | None = None) -> None:
     """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one bound to loopback.
 
     Joining a cluster: the user's ``RAY_AUTH_MODE`` and token are used as they are (never forced off).
@@ -34,8 +34,9 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     whether the training controller is alive; ``RAY_API_SERVER_ADDRESS`` names it, since with several Ray
     instances on one host (other users, tests) address discovery fails and the cleaner logs a traceback
     every few seconds. ``quiet`` (the demo): Ray's own INFO logs, the workers' output and Ray Data's
-    progress bars are not shown. ``before_start``: called after Ray is imported, before it starts or joins a
-    cluster (a check that must fail before Ray prints anything).
+    progress bars are not shown. ``object_store_mb``: the object store of a local cluster started here, MiB
+    (Ray's default: 30 % of the memory); a joined cluster keeps its own. ``before_start``: called after Ray
+    is imported, before it starts or joins a cluster (a check that must fail before Ray prints anything).
     """
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
@@ -74,6 +75,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     ray.init(
         address="local",
         num_cpus=num_cpus,
+        object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
         include_dashboard=True,
         dashboard_host=LOOPBACK,
         dashboard_port=dashboard_port,
