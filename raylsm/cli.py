@@ -51,6 +51,16 @@ def _ctx_noise(text: str) -> tuple[float, ...]:
     return values * 4 if len(values) == 1 else values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from raylsm.data.synth import SynthConfig, generate_config
 
@@ -248,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="AUC, GAUC and logloss of a checkpoint on a dataset's test split")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--batch-size", type=_positive_int, default=2048)
     p.set_defaults(fn=cmd_eval)
 
     figures = sub.add_parser("figures", help="the LCN paper's Fig. 4 and Fig. 5 from trained checkpoints (PNG + JSON, MLflow artifacts)")

@@ -203,3 +203,26 @@ def test_tune_resume_refuses_a_writable_search_directory(tmp_path: Path, capsys)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"raylsm: error: --resume: refusing to load {search}: ") and "writable" in lines[0]
     assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize("state", ["{}", "[1]", "{not json", '{"parent_run_id": "x; rm"}'])
+def test_tune_resume_refuses_a_search_record_without_its_parent_run(tmp_path: Path, capsys, state):
+    storage = make_private_dir(tmp_path / "runs")
+    search = make_private_dir(storage / "s")
+    from raylsm.tune.search import STATE_FILE
+
+    (search / STATE_FILE).write_text(state)
+    code = main(["tune", "--space", str(SPACE), "--data", str(tmp_path), "--resume", "--name", "s",
+                 "--storage", str(storage), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"raylsm: error: --resume: {search / STATE_FILE}: "), lines[0]
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_eval_batch_size_must_be_positive(capsys):
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--checkpoint", "c", "--data", "d", "--batch-size", bad])
+        assert e.value.code == 2
+        assert "argument --batch-size: expected an integer >= 1" in capsys.readouterr().err

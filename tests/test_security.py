@@ -486,6 +486,7 @@ def test_crafted_checkpoints_are_one_line_for_eval(tiny_data: Path, tmp_path: Pa
         "vocab beyond bound": (huge, "vocab.item must be an integer in [1, 2^31]"),
         "table the weights do not match": (bigger, "but the job.json vocab and model ask for"),
         "vocab not a number": (with_meta("strvocab", vocab={**meta["vocab"], "cate": "x"}), "vocab.cate must be an integer"),
+        "unknown top-level key": (with_meta("extra", bogus_top={"a": 1}), "job.json: unknown key 'bogus_top'"),
         "job of a wrong type": (with_meta("badjob", job={**meta["job"], "train": {"lr": "fast"}}), "train.lr: must be a number"),
         "no job.json": (crafted("nometa"), "no job.json"),
         "not a directory": (tmp_path / "missing", "no such directory"),

@@ -106,6 +106,7 @@ def save_checkpoint(directory: str, model: nn.Module, optimizer, epoch: int, job
 
 MAX_VOCAB_ROWS = 2**31  # a table larger than this is no checkpoint this project wrote
 MAX_META_BYTES = 16 * 2**20
+META_KEYS = {"job", "vocab", "epoch", "metrics", "mlflow_run_id"}  # what save_checkpoint writes
 _VOCAB_KEYS = ("item", "cate", "ctx", "gap", "user")
 
 
@@ -138,6 +139,9 @@ def read_meta(directory: str, option: str = "--checkpoint") -> dict:
         raise CheckpointError(f"{where}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("job"), dict) or not isinstance(meta.get("vocab"), dict):
         raise CheckpointError(f"{where}: must be an object with 'job' and 'vocab' objects")
+    unknown = sorted(set(meta) - META_KEYS)
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key {unknown[0][:40]!r} (expected {', '.join(sorted(META_KEYS))})")
     vocab = meta["vocab"]
     if set(vocab) != {*_VOCAB_KEYS, "profile"} or not isinstance(vocab["profile"], dict):
         raise CheckpointError(f"{where}: vocab must have exactly {', '.join(_VOCAB_KEYS)} and a profile object")

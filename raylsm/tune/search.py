@@ -184,6 +184,18 @@ def _progress_callback(metric: str, mode: str, total: int):
 # ----------------------------------------------------------------------------- the search
 
 
+def read_state(state_path: Path) -> dict:
+    """The search's own record (``raylsm-search.json``): an object naming its MLflow parent run; else ConfigError."""
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"--resume: {state_path}: cannot be read as JSON ({str(e).splitlines()[0][:120]})") from None
+    run_id = state.get("parent_run_id") if isinstance(state, dict) else None
+    if not isinstance(run_id, str) or not run_id.isalnum():
+        raise ConfigError(f"--resume: {state_path}: must be an object with the search's 'parent_run_id'")
+    return state
+
+
 def _search_dir(storage: Path, space: Space, name: str | None, resume: bool) -> tuple[str, Path]:
     if name:
         return name, storage / name
@@ -220,6 +232,7 @@ def run_search(req: SearchRequest) -> dict:
         raise ConfigError(f"--resume: {search_dir} holds no search to resume")
     if req.resume:
         check_trusted_dir(search_dir, "--resume")  # Tuner.restore unpickles it (docs/security.md)
+        read_state(state_path)  # checked before Ray starts
     if not req.resume and state_path.is_file():
         raise ConfigError(f"--name {name}: a search of that name exists under {storage}; add --resume or pick another name")
     manifest, _, tracking_uri = preflight(probe)
@@ -255,8 +268,7 @@ def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concur
     exp_id = experiment_id(tracking_uri, probe.mlflow.experiment)
     settings = space.settings(searcher, trials, concurrency)
     if req.resume:
-        state = json.loads(state_path.read_text())
-        parent_run_id = state["parent_run_id"]
+        parent_run_id = read_state(state_path)["parent_run_id"]
         fail_stale_search(tracking_uri, probe.mlflow.experiment, parent_run_id, name)
         client.update_run(parent_run_id, status="RUNNING")
         client.set_tag(parent_run_id, DRIVER_TAG, driver_tag())
