@@ -24,7 +24,8 @@ import warnings
 from pathlib import Path
 
 from raylsm.cli import emit
-from raylsm.data.contract import read_manifest, validate_dataset
+from raylsm.data.check import validate_dataset
+from raylsm.data.contract import read_manifest
 from raylsm.train.config import default_tracking_uri, resolve_job
 from raylsm.train.cluster import ensure_ray
 from raylsm.train.run import run_training

@@ -82,7 +82,7 @@ def cmd_data_taobao(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from raylsm.data.contract import iter_problems
+    from raylsm.data.check import iter_problems
 
     problems = list(iter_problems(args.dir))
     for p in problems:

@@ -21,7 +21,8 @@ import pytest
 
 from raylsm.cli import main
 from raylsm.data import atomic, synth, taobao
-from raylsm.data.contract import FORMAT, Manifest, iter_problems
+from raylsm.data.check import iter_problems
+from raylsm.data.contract import FORMAT, Manifest
 from raylsm.data.synth import generate
 from raylsm.data.taobao import TaobaoOptions, convert
 

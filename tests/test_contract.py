@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylsm.data.contract import ContractError, iter_problems, read_manifest, validate_dataset
+from raylsm.data.check import iter_problems, validate_dataset
+from raylsm.data.contract import ContractError, read_manifest
 
 
 def _write_independent_dataset(root: Path) -> None:

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylsm.data.contract import ContractError, shard_files, validate_dataset
+from raylsm.data.check import validate_dataset
+from raylsm.data.contract import ContractError, shard_files
 from raylsm.data.synth import (
     SynthConfig,
     build_world,

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylsm.data.contract import shard_files, validate_dataset
+from raylsm.data.check import validate_dataset
+from raylsm.data.contract import shard_files
 from raylsm.data.taobao import TaobaoOptions, _by_user, convert, gap_bucket
 
 FIX = Path(__file__).parent / "fixtures" / "taobao"

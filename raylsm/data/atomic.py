@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from raylsm.data.contract import FORMAT, MANIFEST_MAX_BYTES, ContractError, iter_problems
+from raylsm.data.check import iter_problems
+from raylsm.data.contract import FORMAT, MANIFEST_MAX_BYTES, ContractError
 
 T = TypeVar("T")
 _HELD_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)

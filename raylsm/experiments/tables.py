@@ -93,7 +93,7 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> dict:
     from mlflow.entities import Metric, Param
 
     from raylsm.config import flatten
-    from raylsm.data.contract import validate_dataset
+    from raylsm.data.check import validate_dataset
     from raylsm.models.layers import Vocab
     from raylsm.train.config import default_tracking_uri
     from raylsm.train.local import fit_local

@@ -7,7 +7,7 @@ import time
 import torch
 
 from raylsm.data.collate import collate_spec, iter_local_batches
-from raylsm.data.contract import validate_dataset
+from raylsm.data.check import validate_dataset
 from raylsm.train.checkpoint import model_from_checkpoint
 from raylsm.train.step import predict
 from raylsm.train.metrics import evaluate_arrays

@@ -19,7 +19,8 @@ from typing import Iterator
 
 from raylsm.config import ConfigError
 from raylsm.data.collate import collate_spec
-from raylsm.data.contract import list_shards, shards_gone, validate_dataset
+from raylsm.data.check import validate_dataset
+from raylsm.data.contract import list_shards, shards_gone
 from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
 from raylsm.storage import make_private_dir
