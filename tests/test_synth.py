@@ -12,14 +12,8 @@ import pytest
 
 from raylsm.data.check import validate_dataset
 from raylsm.data.contract import ContractError, shard_files
-from raylsm.data.synth import (
-    SynthConfig,
-    build_world,
-    counts_before,
-    generate,
-    generate_config,
-    source_timeline,
-)
+from raylsm.data.synth import SynthConfig, build_world, generate, generate_config
+from raylsm.data.synth_world import counts_before, source_timeline
 
 SMALL = dict(users=300, rows=4000, ll_len=200, st_len=20, shards=2)
 
