@@ -23,9 +23,10 @@ demo: install
 test: install
 	$(PY) -m pytest
 
-# Everything that runs without starting Ray (the `ray` marker; tests/conftest.py marks the Ray fixtures' users too).
+# Everything that runs without starting Ray and without a long training (the `ray` and `slow` markers;
+# tests/conftest.py marks the Ray fixtures' users too).
 test-fast: install
-	$(PY) -m pytest -m "not ray"
+	$(PY) -m pytest -m "not ray and not slow"
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts data/synth-demo

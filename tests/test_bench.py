@@ -107,6 +107,7 @@ def test_stream_summary_of_a_curve_that_grows_and_one_that_does_not():
     assert flat["private_slope_mb_per_million_rows"] == 0 and flat["private_ratio"] == 1.0
 
 
+@pytest.mark.ray
 def test_startup_on_a_running_cluster_times_the_first_batch_of_a_real_train_command(capsys, tiny_data):
     """The runs join one local cluster started before them, whose workers do not inherit the command's
     environment; the first-batch mark still reaches them (through the train loop's config). (On a fresh

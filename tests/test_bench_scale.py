@@ -16,6 +16,7 @@ TINY = ["--emb", "8", "--batch", "8", "--ll-len", "12", "--st-len", "4", "--step
         "--set", "lap.k1=8", "--set", "lap.k2=4", "--set", "head=[8]", "--no-mlflow"]
 
 
+@pytest.mark.slow
 def test_scale_json_keys_and_ratios_are_its_own_quotients(capsys):
     assert main(["bench", "scale", "--vocab", "50,3000", "--modes", "dense,sharded", "--workers", "1,2", *TINY]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

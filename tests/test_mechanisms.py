@@ -58,6 +58,7 @@ TINY = [
 
 
 SEEDS = (0, 1, 2)
+pytestmark = pytest.mark.slow  # about 75 s of training: in `make test`, not `make test-fast`
 
 
 def world(out, **kw) -> SynthConfig:
