@@ -1,4 +1,4 @@
-"""A search's MLflow record: its children reconciled with Tune's own trial states, and the trials table."""
+"""A search's record: its own state file, its MLflow children reconciled with Tune's own trial states, the trials table."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ import time
 from pathlib import Path
 
 from raylsm.config import ConfigError
+
+
+def read_state(state_path: Path) -> dict:
+    """The search's own record (``raylsm-search.json``): an object naming its MLflow parent run; else ConfigError."""
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"--resume: {state_path}: cannot be read as JSON ({str(e).splitlines()[0][:120]})") from None
+    run_id = state.get("parent_run_id") if isinstance(state, dict) else None
+    if not isinstance(run_id, str) or not run_id.isalnum():
+        raise ConfigError(f"--resume: {state_path}: must be an object with the search's 'parent_run_id'")
+    return state
 
 
 def children(client, experiment_id: str, parent_run_id: str) -> list:

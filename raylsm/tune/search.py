@@ -40,7 +40,7 @@ from typing import Any
 from raylsm.config import ConfigError
 from raylsm.storage import check_trusted_dir, make_private_dir
 from raylsm.train.config import default_tracking_uri, job_flags
-from raylsm.tune.record import children, fail_stale_search, reconcile_children, trials_table, tune_status
+from raylsm.tune.record import children, fail_stale_search, read_state, reconcile_children, trials_table, tune_status
 from raylsm.tune.space import EPOCH_METRICS, Space, describe, load_space, trial_job
 
 # A trial is a Tune actor that only waits on its TorchTrainer (whose controller takes 0 CPU): it
@@ -182,18 +182,6 @@ def _progress_callback(metric: str, mode: str, total: int):
 
 
 # ----------------------------------------------------------------------------- the search
-
-
-def read_state(state_path: Path) -> dict:
-    """The search's own record (``raylsm-search.json``): an object naming its MLflow parent run; else ConfigError."""
-    try:
-        state = json.loads(state_path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise ConfigError(f"--resume: {state_path}: cannot be read as JSON ({str(e).splitlines()[0][:120]})") from None
-    run_id = state.get("parent_run_id") if isinstance(state, dict) else None
-    if not isinstance(run_id, str) or not run_id.isalnum():
-        raise ConfigError(f"--resume: {state_path}: must be an object with the search's 'parent_run_id'")
-    return state
 
 
 def _search_dir(storage: Path, space: Space, name: str | None, resume: bool) -> tuple[str, Path]:
