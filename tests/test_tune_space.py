@@ -188,8 +188,12 @@ def test_experiment_in_process_runs_every_cell_and_logs_the_table(tmp_path, caps
                                   filter_string=f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
     assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
     for r in children:
-        history = client.get_metric_history(r.info.run_id, "auc")
-        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]
+        history = sorted(client.get_metric_history(r.info.run_id, "test_auc"), key=lambda m: m.step)
+        val = sorted(client.get_metric_history(r.info.run_id, "val_auc"), key=lambda m: m.step)
+        assert [m.step for m in history] == [0, 1] and [m.step for m in val] == [0, 1]
+        # The headline is the test AUC of the epoch chosen on validation (the earliest of ties), not the last one.
+        best = max(val, key=lambda m: (m.value, -m.step)).step
+        assert r.data.metrics["best_epoch"] == best and r.data.metrics["auc"] == history[best].value
         assert 0.0 < r.data.metrics["auc"] < 1.0 and r.data.params["train.epochs"] == "2"
     lcn = [r for r in children if json.loads(r.data.tags["raylsm.trial_config"])["variant"] == "lcn"]
     assert all(r.data.params["model.crp.enabled"] == "True" for r in lcn)

@@ -7,7 +7,8 @@ aggregation). The table (mean ± spread over seeds of the test metrics of each c
 validation) is printed on stderr and logged to the search's parent run as ``table.md``/``table.csv``;
 the last stdout line is the JSON with the rows. ``--set`` fixes any config key (the budget: data
 sizes, model sizes, epochs). ``--in-process`` trains the cells in this process without Ray
-(``fit_local``: all training rows, test metrics after the last epoch), each still an MLflow child run.
+(``fit_local``: the same validation cut, early stopping and validation-chosen epoch as a Ray run), each still an
+MLflow child run.
 """
 
 from __future__ import annotations

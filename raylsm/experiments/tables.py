@@ -7,7 +7,8 @@ aggregation). The table (mean ± spread over seeds of the test metrics of each c
 validation) is printed on stderr and logged to the search's parent run as ``table.md``/``table.csv``;
 the last stdout line is the JSON with the rows. ``--set`` fixes any config key (the budget: data
 sizes, model sizes, epochs). ``--in-process`` trains the cells in this process without Ray
-(``fit_local``: all training rows, test metrics after the last epoch), each still an MLflow child run.
+(``fit_local``: the same validation cut, early stopping and validation-chosen epoch as a Ray run), each still an
+MLflow child run.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def parser(folder: Path = TABLES_DIR) -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.add_argument("--storage", default="runs/experiments")
     p.add_argument("--in-process", action="store_true",
-                   help="train the cells here, one after another, without Ray (all training rows, no validation "
-                        "cut; test metrics after the last epoch): quick screens on one machine")
+                   help="train the cells here, one after another, without Ray (fit_local: validation cut, early "
+                        "stopping, test metrics of the epoch chosen on validation): quick screens on one machine")
     return p
 
 
@@ -87,8 +88,10 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> dict:
     """Every cell x seed trained in this process (``fit_local``), each an MLflow child run of one parent.
 
     Each child logs the trial's config (tag ``raylsm.trial_config``, as a search's children do), the
-    resolved model params and the test metrics of every epoch (step = epoch), so the table (the last
-    epoch's test metrics) is built and logged exactly as for a search.
+    resolved model params, every epoch's ``val_*``, ``test_*`` and ``train_loss`` (step = epoch) and, as
+    its headline ``auc``/``gauc``/``logloss`` and ``best_epoch``, the test metrics of the epoch chosen on
+    validation (:func:`~raylsm.train.local.chosen_epoch`), as a Ray run does; the table is built from the
+    headlines exactly as for a search.
     """
     from mlflow.entities import Metric, Param
 
@@ -96,7 +99,7 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> dict:
     from raylsm.data.check import validate_dataset
     from raylsm.models.layers import Vocab
     from raylsm.train.config import default_tracking_uri
-    from raylsm.train.local import fit_local
+    from raylsm.train.local import chosen_epoch, fit_local
     from raylsm.train.tracking import client as tracking_client, log_params, check_store, experiment_id, start_parent_run, used_config
     from raylsm.tune.space import describe, grid_points, load_space, trial_job
     from raylsm.experiments.table import log_table, markdown, search_table
@@ -128,9 +131,14 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> dict:
             try:
                 log_params(client, run_id, [Param(k, str(v)[:6000]) for k, v in flatten(used_config(job)).items()])
                 _, history = fit_local(job, vocab, progress=True)
-                now = int(time.time() * 1000)
-                client.log_batch(run_id, metrics=[Metric(k, float(h[k]), now, int(h["epoch"])) for h in history
-                                                  for k in ("auc", "gauc", "logloss", "train_loss")])
+                now, best = int(time.time() * 1000), chosen_epoch(history)
+                per_epoch = [Metric(name, float(h[k]), now, int(h["epoch"])) for h in history for k, name in
+                             (("auc", "test_auc"), ("gauc", "test_gauc"), ("logloss", "test_logloss"),
+                              ("train_loss", "train_loss"), ("val_auc", "val_auc"), ("val_gauc", "val_gauc"),
+                              ("val_logloss", "val_logloss")) if k in h]
+                headline = [Metric(k, float(best[k]), now, 0) for k in ("auc", "gauc", "logloss")]
+                client.log_batch(run_id, metrics=[*per_epoch, *headline,
+                                                  Metric("best_epoch", float(best["epoch"]), now, 0)])
             except BaseException:
                 client.set_terminated(run_id, "FAILED")
                 raise
@@ -140,7 +148,8 @@ def run_in_process(args: argparse.Namespace, space_path: Path) -> dict:
         client.set_terminated(parent, status)
     rows = search_table(uri, parent)
     log_table(uri, parent, rows)
-    print(f"\n{args.table} ({args.seeds} seeds; in process: test metrics after the last epoch)\n{markdown(rows)}",
+    print(f"\n{args.table} ({args.seeds} seeds; in process: test metrics of the epoch chosen on validation)\n"
+          f"{markdown(rows)}",
           file=sys.stderr)
     return {"table": args.table, "mode": "in_process", "rows": rows, "parent_run_id": parent, "cells": len(points)}
 
