@@ -7,10 +7,14 @@ The three worlds are synthetic datasets that differ in structure, each made by `
 with the flags in :data:`WORLDS` (written once under ``--out``):
 
 * ``cross``: two disjoint item spaces, the short-term bridge on (what CRP's cross-domain pairs use);
-* ``single``: one item space (CAIN's setting) and the context effect at its clearest (``--ctx-noise 1``):
-  the neighbours' engagement tells a liked interest from a decoy;
+* ``single``: one item space (CAIN's setting) of 2 000 items and the context effect at its clearest
+  (``--ctx-noise 1``): only the neighbours' engagement tells a liked session from a decoy one; liked
+  sessions more frequent than decoys (``--p-real 0.5 --p-decoy 0.3``);
 * ``decoy``: cross-domain, a larger world, decoy sessions far more frequent than liked ones
-  (``--p-real 0.25 --p-decoy 0.55``): counting the matching behaviours misleads.
+  (``--p-real 0.25 --p-decoy 0.55``): counting the matching behaviours misleads;
+* controls ``single_off`` (``single`` with ``--context-effect off``) and ``cross_off`` (``cross`` with
+  ``--bridge off``): the same worlds with the effect a mechanism exploits removed (``--worlds
+  single_off,cross_off``).
 
 Every cell is a ``fit_local`` run (in process, no Ray) with the validation cut, early stopping and the
 validation-chosen epoch of :func:`raylsm.train.loop.fit_local`; its test AUC/GAUC is the figure. A reading's
@@ -39,11 +43,14 @@ WORLD_BASE = ["--users", "3000", "--rows", "46000", "--st-len", "20", "--shards"
 WORLDS: dict[str, list[str]] = {
     "cross": ["--domains", "cross", "--interests", "16", "--cates-per-interest", "2", "--tgt-items", "2000",
               "--src-items", "8000"],
-    "single": ["--domains", "single", "--interests", "16", "--cates-per-interest", "2", "--src-items", "8000",
-               "--ctx-noise", "1"],
+    "single": ["--domains", "single", "--interests", "16", "--cates-per-interest", "2", "--src-items", "2000",
+               "--ctx-noise", "1", "--p-real", "0.5", "--p-decoy", "0.3"],
     "decoy": ["--domains", "cross", "--interests", "24", "--cates-per-interest", "3", "--tgt-items", "3000",
               "--src-items", "12000", "--p-real", "0.25", "--p-decoy", "0.55", "--seed", "7"],
 }
+# Controls: each effect world with its effect switched off (a mechanism must gain nothing there).
+WORLDS["single_off"] = [*WORLDS["single"], "--context-effect", "off"]
+WORLDS["cross_off"] = [*WORLDS["cross"], "--bridge", "off"]
 # Model and batch sizes of the two budgets (the papers' sizes are the presets' defaults).
 SIZES: dict[str, dict] = {
     "compact": {"ll_len": 300, "set": ["model.features.emb_dim=16", "model.lap.k1=50", "model.lap.k2=20",
@@ -65,8 +72,10 @@ READINGS: dict[str, tuple[str, list[str]]] = {
     "train.lr_decay": ("lcn", ["0.5"]),
     "model.crp.tau": ("lcn", ["0.1"]),
     "model.crp.weight": ("lcn", ["0.1"]),
+    "model.crp.denominator": ("lcn", ["with_positive"]),
     "model.context.merge": ("cain", ["replace"]),
     "model.context.cl": ("cain", ["7"]),
+    "model.context.activation": ("cain", ["none"]),
     "model.peg.filters": ("cain", ["full"]),
 }
 CELL_SCRIPT = r"""
@@ -240,6 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("| best single feature | " + " | ".join(
             f"{max(base[w].values()):.4f} ({max(base[w], key=base[w].get)})" for w in worlds) + " |")
         lines.append("")
+        # Each preset against the plain pyramid, paired by seed: what its mechanism adds in each world.
+        if "lap" in names and len(names) > 1:
+            lines += ["| preset − `lap` (paired by seed) | " + " | ".join(worlds) + " |", "|---" * (len(worlds) + 1) + "|"]
+            report["over_lap"] = {}
+            for n in (n for n in names if n != "lap"):
+                gains = {}
+                for w in worlds:
+                    mine, ref = by_seed(n, (), w), by_seed("lap", (), w)
+                    gains[w] = [mine[k] - ref[k] for k in sorted(mine) if k in ref]
+                report["over_lap"][n] = gains
+                lines.append(f"| `{n}` | " + " | ".join(cell(gains[w], signed=True) for w in worlds) + " |")
+            lines.append("")
     if args.what in ("readings", "all"):
         lines += ["| reading | preset | " + " | ".join(f"Δ AUC {w}" for w in worlds) + " |",
                   "|---|---" + "|---" * len(worlds) + "|"]

@@ -1,0 +1,32 @@
+"""The readings experiment's report: presets per world, each preset's paired gain over ``lap``, the controls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.experiments import readings
+
+
+def test_report_pairs_each_preset_with_lap_by_seed_on_every_world_and_control(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(readings, "WORLD_BASE", ["--users", "40", "--rows", "500", "--st-len", "5", "--shards", "1"])
+    assert readings.WORLDS["single_off"][-2:] == ["--context-effect", "off"]
+    assert readings.WORLDS["cross_off"][-2:] == ["--bridge", "off"]
+    aucs = {("lap", "single"): [0.60, 0.58], ("cain", "single"): [0.70, 0.71],
+            ("lap", "single_off"): [0.59, 0.60], ("cain", "single_off"): [0.60, 0.59]}
+    cells = tmp_path / "cells.jsonl"
+    with cells.open("w") as f:
+        for (preset, world), values in aucs.items():
+            for seed, auc in enumerate(values):
+                key = json.dumps(["compact", preset, world, seed, [], [], 4])
+                f.write(json.dumps({"key": key, "preset": preset, "world": world, "seed": seed, "extra": [], "auc": auc,
+                                    "last_auc": auc, "best_epoch": 1}) + "\n")
+    assert readings.main(["--what", "presets", "--only", "cain", "--only", "lap", "--worlds", "single,single_off",
+                          "--seeds", "2", "--out", str(tmp_path), "--report-only"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    gains = report["over_lap"]["cain"]
+    assert gains["single"] == pytest.approx([0.10, 0.13]) and gains["single_off"] == pytest.approx([0.01, -0.01])
+    assert report["presets"]["lap"]["single"]["auc"] == [0.60, 0.58]
+    table = (tmp_path / "presets-compact.md").read_text()
+    assert "| `cain` | +0.1150 ± 0.0212 | +0.0000 ± 0.0141 |" in table
