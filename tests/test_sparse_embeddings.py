@@ -134,9 +134,9 @@ def test_sparse_optimizer_checkpoint_saves_and_restores(tmp_path):
 
 
 def test_bad_embedding_update_is_one_line_naming_the_key():
-    with pytest.raises(ConfigError, match=r"^train\.embedding_update: must be one of \['dense', 'sparse'\]"):
+    with pytest.raises(ConfigError, match=r"^train\.embedding_update: must be one of \['auto', 'dense', 'sparse'\]"):
         resolve_job(preset="lap", overrides=["train.embedding_update=rows"])
-    assert resolve_job(preset="lap").train.embedding_update == "dense"
+    assert resolve_job(preset="lap").train.embedding_update == "auto"
 
 
 def _ddp_worker(rank: int, port: int, out: str) -> None:
@@ -239,3 +239,19 @@ def test_ray_two_workers_train_sparse_and_resume(ray_local, tmp_path):
     assert not torch.equal(state2["model"][item], state["model"][item])
     model, _ = model_from_checkpoint(second)  # the trained model loads on one CPU process as ever
     assert model.features.tables["item"].weight.shape[0] == vocab.item
+
+
+def test_auto_is_dense_for_small_tables_and_sparse_from_a_hundred_thousand_rows():
+    from raylsm.models.sharded_embedding import SHARD_MIN_ROWS
+    from raylsm.train.optim import resolve_embedding_update
+
+    cfg = preset_config("lap", {"features": {"emb_dim": 4}, "head": [8], "lap": {"k1": 4, "k2": 2}})
+    small = build_model(cfg, Vocab(item=1000, cate=20, ctx=5, gap=10, user=10, profile={}))
+    large = build_model(cfg, Vocab(item=SHARD_MIN_ROWS, cate=20, ctx=5, gap=10, user=10, profile={}))
+    assert resolve_embedding_update(small, "auto") == "dense" and resolve_embedding_update(large, "auto") == "sparse"
+    assert resolve_embedding_update(large, "dense") == "dense" and resolve_embedding_update(small, "sparse") == "sparse"
+    assert type(build_optimizer(small, 1e-3, True, "auto")) is torch.optim.Adam  # exactly the dense path
+    opt = build_optimizer(large, 1e-3, True, "auto")
+    assert isinstance(opt, RowSparseOptimizer)
+    assert all(t.sparse for _, t in embedding_tables(large)) and not any(t.sparse for _, t in embedding_tables(small))
+    assert resolve_job(preset="lap").train.embedding_update == "auto"

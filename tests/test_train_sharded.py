@@ -108,8 +108,10 @@ def test_two_sharded_workers_train_resume_and_load_on_one_process(ray_local, tmp
 
 
 def test_row_sharding_needs_sparse_updates():
-    with pytest.raises(ConfigError, match=r"^train.embedding_sharding: row needs train.embedding_update=sparse, got dense$"):
-        resolve_job(preset="lcn", overrides=["train.embedding_sharding=row"])
+    with pytest.raises(ConfigError, match=r"^train.embedding_sharding: row needs train.embedding_update=sparse or auto, got dense$"):
+        resolve_job(preset="lcn", overrides=["train.embedding_sharding=row", "train.embedding_update=dense"])
+    # auto (the default) with row sharding is sparse, whatever the vocabulary and the worker count.
+    assert resolve_job(preset="lcn", overrides=["train.embedding_sharding=row"]).train.embedding_update == "sparse"
     with pytest.raises(ConfigError, match="embedding_sharding"):
         resolve_job(preset="lcn", overrides=["train.embedding_sharding=column"])
     assert resolve_job(preset="lcn").train.embedding_sharding == "none"

@@ -90,11 +90,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (in place; same checkpoints)
     fused_adam: bool = True  # Adam's fused kernel: the same update in one pass per tensor (CPU: 17 -> 2.3 ms a step for 2 M params)
     # dense: Adam over whole tables (DDP all-reduces their full gradient); sparse: row-sparse table gradients,
-    # Adam on the touched rows only, tables out of DDP (their rows exchanged). raylsm.train.optim.
-    embedding_update: Literal["dense", "sparse"] = "dense"
+    # Adam on the touched rows only, tables out of DDP (their rows exchanged); auto: sparse when a table has
+    # 100k+ rows or is row-sharded, else dense (small vocabularies train exactly as before). raylsm.train.optim.
+    embedding_update: Literal["auto", "dense", "sparse"] = "auto"
     # none: every worker holds every table whole; row: with 2+ workers the item table (and any table of 100k+
     # rows) is split by rows, id i on worker i % W, looked up with all_to_all (raylsm.models.sharded_embedding).
-    # Needs embedding_update=sparse (the shards' row-sparse gradients go to row-wise Adam).
+    # Trains row-sparse (embedding_update auto or sparse; the shards' row-sparse gradients go to row-wise Adam).
     embedding_sharding: Literal["none", "row"] = "none"
 
     def validate(self) -> None:
@@ -115,8 +116,10 @@ class TrainConfig:
             raise ConfigError(f"train.gpus_per_worker: must be > 0, got {self.gpus_per_worker}")
         if self.early_stop_patience < 0:
             raise ConfigError(f"train.early_stop_patience: must be >= 0 (0 = off), got {self.early_stop_patience}")
-        if self.embedding_sharding == "row" and self.embedding_update != "sparse":
-            raise ConfigError(f"train.embedding_sharding: row needs train.embedding_update=sparse, got {self.embedding_update}")
+        if self.embedding_sharding == "row" and self.embedding_update == "dense":
+            raise ConfigError("train.embedding_sharding: row needs train.embedding_update=sparse or auto, got dense")
+        if self.embedding_sharding == "row":
+            self.embedding_update = "sparse"  # auto: a sharded table trains row-sparse on any worker count
         if self.max_failures < -1:
             raise ConfigError(f"train.max_failures: must be >= -1 (-1 = retry forever), got {self.max_failures}")
 

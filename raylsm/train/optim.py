@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from raylsm.models.sparse_embedding import RowScratch, unique_rows
 
-EmbeddingUpdate = Literal["dense", "sparse"]
+EmbeddingUpdate = Literal["auto", "dense", "sparse"]
 
 
 def embedding_tables(model: nn.Module) -> list[tuple[str, nn.Embedding]]:
@@ -344,6 +344,17 @@ def split_parameters(model: nn.Module, sparse_tables: bool) -> tuple[list[nn.Par
     return [p for p in model.parameters() if id(p) not in ids], tables
 
 
+def resolve_embedding_update(model: nn.Module, embedding_update: EmbeddingUpdate) -> Literal["dense", "sparse"]:
+    """``auto`` -> ``sparse`` when ``model`` has a row-sharded table or one of ``SHARD_MIN_ROWS``+ rows (where a
+    whole-table Adam step and all-reduce dominate the step), else ``dense``; ``dense``/``sparse`` as given."""
+    if embedding_update != "auto":
+        return embedding_update
+    from raylsm.models.sharded_embedding import SHARD_MIN_ROWS
+
+    large = any(t.num_embeddings >= SHARD_MIN_ROWS for _, t in embedding_tables(model))
+    return "sparse" if large or sharded_tables(model) else "dense"
+
+
 def build_optimizer(model: nn.Module, lr: float, fused: bool = True,
                     embedding_update: EmbeddingUpdate = "dense") -> torch.optim.Optimizer | RowSparseOptimizer:
     """The optimizer of ``model`` for ``train.embedding_update``; ``fused`` = Adam's fused kernel (``train.fused_adam``).
@@ -352,14 +363,16 @@ def build_optimizer(model: nn.Module, lr: float, fused: bool = True,
     per-parameter loop, in one pass over each tensor; on the CPU the loop is 7x slower for the tables).
     ``sparse``: switches ``model``'s tables to row-sparse gradients (see :func:`use_sparse_gradients`;
     call it before DDP wraps the model) and returns a :class:`RowSparseOptimizer` of Adam (dense
-    parameters) and :class:`RowAdam` (tables) with the same learning rate, betas and eps.
+    parameters) and :class:`RowAdam` (tables) with the same learning rate, betas and eps. ``auto``: one of
+    the two by the tables' size (:func:`resolve_embedding_update`).
     """
+    embedding_update = resolve_embedding_update(model, embedding_update)
     if embedding_update == "dense":
         if sharded_tables(model):
             raise ValueError("train.embedding_sharding: row-sharded tables need train.embedding_update=sparse")
         return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
     if embedding_update != "sparse":
-        raise ValueError(f"train.embedding_update: must be one of ['dense', 'sparse'], got {embedding_update!r}")
+        raise ValueError(f"train.embedding_update: must be one of ['auto', 'dense', 'sparse'], got {embedding_update!r}")
     dense, tables = split_parameters(model, sparse_tables=True)
     return RowSparseOptimizer(torch.optim.Adam(dense, lr=lr, fused=fused or None), RowAdam(tables, lr=lr),
                               local=[t.weight for _, t in sharded_tables(model)])
