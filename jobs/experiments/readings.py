@@ -225,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         return {c[3]: cache[c[0]][field] for c in cells
                 if c[1] == preset and c[4] == extra and c[2] == w and c[0] in cache}
 
+    def paired(a: tuple[str, tuple[str, ...]], b: tuple[str, tuple[str, ...]], w: str) -> list[float]:
+        """AUC of cell ``a`` − AUC of cell ``b`` (each a (preset, extra) pair) in world ``w``, per seed both have."""
+        mine, ref = by_seed(*a, w), by_seed(*b, w)
+        return [mine[k] - ref[k] for k in sorted(mine) if k in ref]
+
     def aucs(preset: str, extra: tuple[str, ...], w: str, field: str = "auc") -> list[float]:
         return list(by_seed(preset, extra, w, field).values())
 
@@ -254,10 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += ["| preset − `lap` (paired by seed) | " + " | ".join(worlds) + " |", "|---" * (len(worlds) + 1) + "|"]
             report["over_lap"] = {}
             for n in (n for n in names if n != "lap"):
-                gains = {}
-                for w in worlds:
-                    mine, ref = by_seed(n, (), w), by_seed("lap", (), w)
-                    gains[w] = [mine[k] - ref[k] for k in sorted(mine) if k in ref]
+                gains = {w: paired((n, ()), ("lap", ()), w) for w in worlds}
                 report["over_lap"][n] = gains
                 lines.append(f"| `{n}` | " + " | ".join(cell(gains[w], signed=True) for w in worlds) + " |")
             lines.append("")
@@ -270,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for v in values:
                 extra = (f"{key}={v}",)
-                deltas = {}
-                for w in worlds:
-                    alt, ref = by_seed(preset, extra, w), by_seed(preset, (), w)
-                    deltas[w] = [alt[k] - ref[k] for k in sorted(alt) if k in ref]  # paired by seed
+                deltas = {w: paired((preset, extra), (preset, ()), w) for w in worlds}
                 report["readings"][f"{key}={v}"] = {"preset": preset, **deltas}
                 lines.append(f"| `{key}={v}` | `{preset}` | " + " | ".join(cell(deltas[w], signed=True) for w in worlds) + " |")
     table = "\n".join(lines)
