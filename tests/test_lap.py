@@ -282,6 +282,43 @@ def test_head_products_add_the_candidate_times_each_short_term_interest(small_vo
     assert logits.shape == (5,) and torch.isfinite(logits).all()
 
 
+def test_match_counts_are_the_log_counts_of_the_candidates_category_and_item_per_sequence(small_vocab, batch_factory):
+    from raylsm.models.ctr import build_model, match_counts
+    from raylsm.models.registry import preset_config
+
+    batch = batch_factory(b=3, s=6, l=40, st_lengths=[4, 6, 0], ll_lengths=[40, 10, 0])
+    cate, item = batch["item_cate"][0], batch["item_id"][0]
+    for name in ("st_tgt_cates", "st_src_cates", "ll_cates"):
+        batch[name][0] = 1 if cate != 1 else 2  # nothing matches in row 0 but what is set below
+    for name in ("st_tgt_items", "st_src_items", "ll_items"):
+        batch[name][0] = 1 if item != 1 else 2
+    batch["st_tgt_cates"][0, -3:] = cate  # 3 real behaviours of the candidate's category
+    batch["st_tgt_items"][0, -1] = item  # one of them the candidate itself
+    batch["st_tgt_cates"][0, 0] = cate  # padding (row 0 has 4 real of 6): never counted
+    batch["ll_cates"][0, -7:] = cate
+    batch["ll_items"][0, -2:] = item
+    counts = match_counts(batch)
+    assert counts.shape == (3, 6)
+    # (st_tgt cate, st_tgt item, st_src cate, st_src item, ll cate, ll item)
+    torch.testing.assert_close(counts[0], torch.log1p(torch.tensor([3.0, 1.0, 0.0, 0.0, 7.0, 2.0])))
+    assert counts[2].eq(0).all()  # an empty history counts nothing
+    small = {"features": {"emb_dim": 4}, "lap": {"k1": 8, "k2": 4, "att_dim": 4, "ffn_dim": 8}}
+    on = build_model(preset_config("lap", small), small_vocab)
+    off = build_model(preset_config("lap", {**small, "match_counts": False}), small_vocab)
+    assert on.head[0].in_features == off.head[0].in_features + 6
+    # The head's last 6 inputs are the counts with the mechanism on; off, the head reads the rest only.
+    seen = {}
+    for net in (on, off):
+        net.eval()
+        net.head.register_forward_pre_hook(lambda m, args, net=net: seen.__setitem__(id(net), args[0]))
+        with torch.no_grad():
+            net(batch)
+    torch.testing.assert_close(seen[id(on)][:, -6:], counts)
+    assert seen[id(on)].shape[1] == seen[id(off)].shape[1] + 6
+    assert not off.cfg.match_counts and preset_config("lcn_paper").match_counts is False
+    assert preset_config("cain_paper").match_counts is False and preset_config("lap").match_counts is True
+
+
 def test_short_term_sum_scaled_keeps_how_many_match():
     from raylsm.models.layers import DotTargetAttention
 

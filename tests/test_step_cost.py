@@ -403,8 +403,8 @@ def test_fused_adam_takes_the_same_steps_as_the_default_loop():
             o.step()
     a, b = models[0].state_dict(), models[1].state_dict()
     assert a.keys() == b.keys() and not torch.equal(a["features.tables.item.weight"], start["features.tables.item.weight"])
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    for k in a:  # (the fused kernel sums in another order: ~1e-6 apart after 3 steps of lr 0.01)
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
 @pytest.mark.parametrize("name", ["sim_soft", "eta", "twin"])

@@ -61,23 +61,28 @@ SIZES: dict[str, dict] = {
                                      "train.batch_size=256", "data.st_len=20"]},
 }
 PRESET_NAMES = ["lcn", "cain", "lap", "din", "sim_soft", "eta", "sdim", "twin", "lcn_paper", "cain_paper"]
-# Each open reading: the preset it is measured on and the alternatives to the preset's default value.
-READINGS: dict[str, tuple[str, list[str]]] = {
-    "model.head_products": ("lap", ["false"]),
-    "train.lr": ("lap", ["0.001"]),
-    "model.lap.pooling": ("lap", ["sum_scaled"]),
-    "model.lap.score_grad": ("lap", ["msa"]),
-    "model.features.emb_init": ("lap", ["normal"]),
-    "model.short_term_pooling": ("lap", ["sum_scaled"]),
-    "train.lr_decay": ("lcn", ["0.5"]),
-    "model.crp.tau": ("lcn", ["0.1"]),
-    "model.crp.weight": ("lcn", ["0.1"]),
-    "model.crp.denominator": ("lcn", ["with_positive"]),
-    "model.context.merge": ("cain", ["replace"]),
-    "model.context.cl": ("cain", ["7"]),
-    "model.context.activation": ("cain", ["none"]),
-    "model.peg.filters": ("cain", ["full"]),
-}
+# Each open reading: (key, the preset it is measured on, the alternatives to the preset's default value); a key
+# whose default differs between presets is measured on each of them.
+READINGS: list[tuple[str, str, list[str]]] = [
+    ("model.head_products", "lap", ["false"]),
+    ("model.match_counts", "lap", ["false"]),
+    ("model.match_counts", "din", ["false"]),
+    ("model.match_counts", "lcn", ["false"]),
+    ("model.match_counts", "cain", ["true"]),
+    ("train.lr", "lap", ["0.001"]),
+    ("model.lap.pooling", "lap", ["sum_scaled"]),
+    ("model.lap.score_grad", "lap", ["msa"]),
+    ("model.features.emb_init", "lap", ["normal"]),
+    ("model.short_term_pooling", "lap", ["sum_scaled"]),
+    ("train.lr_decay", "lcn", ["0.5"]),
+    ("model.crp.tau", "lcn", ["0.1"]),
+    ("model.crp.weight", "lcn", ["0.1"]),
+    ("model.crp.denominator", "lcn", ["with_positive"]),
+    ("model.context.merge", "cain", ["replace"]),
+    ("model.context.cl", "cain", ["7"]),
+    ("model.context.activation", "cain", ["none"]),
+    ("model.peg.filters", "cain", ["full"]),
+]
 CELL_SCRIPT = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -165,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad or args.seeds < 1 or args.jobs < 1 or args.epochs < 1:
         p.error(f"--worlds: unknown {bad} (choose from {', '.join(WORLDS)})" if bad else
                 "--seeds, --jobs and --epochs must be >= 1")
-    unknown = [k for k in args.only if k not in READINGS and k not in PRESET_NAMES]
+    keys = list(dict.fromkeys(k for k, _, _ in READINGS))
+    unknown = [k for k in args.only if k not in keys and k not in PRESET_NAMES]
     if unknown:
-        p.error(f"--only: unknown {unknown} (readings: {', '.join(READINGS)}; presets: {', '.join(PRESET_NAMES)})")
+        p.error(f"--only: unknown {unknown} (readings: {', '.join(keys)}; presets: {', '.join(PRESET_NAMES)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = SIZES[args.size]
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("presets", "all"):
         variants += [(name, ()) for name in PRESET_NAMES if not args.only or name in args.only]
     if args.what in ("readings", "all"):
-        for key, (preset, values) in READINGS.items():
+        for key, preset, values in READINGS:
             if args.only and key not in args.only:
                 continue
             variants += [(preset, ())] + [(preset, (f"{key}={v}",)) for v in values]
@@ -267,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["| reading | preset | " + " | ".join(f"Δ AUC {w}" for w in worlds) + " |",
                   "|---|---" + "|---" * len(worlds) + "|"]
         report["readings"] = {}
-        for key, (preset, values) in READINGS.items():
+        for key, preset, values in READINGS:
             if args.only and key not in args.only:
                 continue
             for v in values:
                 extra = (f"{key}={v}",)
                 deltas = {w: paired((preset, extra), (preset, ()), w) for w in worlds}
-                report["readings"][f"{key}={v}"] = {"preset": preset, **deltas}
+                report["readings"][f"{key}={v} ({preset})"] = {"preset": preset, **deltas}
                 lines.append(f"| `{key}={v}` | `{preset}` | " + " | ".join(cell(deltas[w], signed=True) for w in worlds) + " |")
     table = "\n".join(lines)
     (out / f"{args.what}-{args.size}.md").write_text(table + "\n")

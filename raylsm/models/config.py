@@ -307,6 +307,11 @@ class ModelConfig:
     # "how well does the recent history match the candidate", which an MLP over the papers' plain
     # concatenation (False) has to learn to multiply out. Measured: docs/experiments.md, "Readings".
     head_products: bool = True
+    # The head's input also holds log(1 + n) for the number of behaviours in st_tgt, st_src and the lifelong
+    # sequence whose category (and whose item) is the candidate's: 6 scalars read from the ids, the "how
+    # often did this user act on this" that a weighted mean of embeddings cannot carry. A project reading,
+    # not the papers' (their "other features"); off in the ``*_paper`` presets.
+    match_counts: bool = True
     features: FeatureConfig = field(default_factory=FeatureConfig)
     din: DinConfig = field(default_factory=DinConfig)
     sim_soft: SimConfig = field(default_factory=SimConfig)
@@ -345,15 +350,17 @@ PRESETS: dict[str, dict] = {
     "cain": {
         "lifelong": "lap",
         "lap": {"pooling": "sum_scaled"},
+        "match_counts": False,
         "context": {"kind": "tcn", "cl": 3, "merge": "context", "input": "context", "init": "box"},
         "msia": {"enabled": True},
         "peg": {"enabled": True, "filters": "depthwise"},
     },
-    "lcn_paper": {"lifelong": "lap", "head_products": False,
+    "lcn_paper": {"lifelong": "lap", "head_products": False, "match_counts": False,
                   "crp": {"enabled": True, "weight": 0.1, "tau": 0.1, "m": 1024}},
     "cain_paper": {
         "lifelong": "lap",
         "head_products": False,
+        "match_counts": False,
         "context": {"kind": "tcn", "cl": 7, "merge": "replace", "input": "all", "init": "xavier"},
         "msia": {"enabled": True},
         "peg": {"enabled": True, "filters": "full", "aggregation": "replace"},

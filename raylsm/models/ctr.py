@@ -37,6 +37,25 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+# The sequences whose matches with the candidate ``match_counts`` counts: (items, cates, mask) columns.
+MATCH_SEQUENCES = (("st_tgt_items", "st_tgt_cates", "st_tgt_mask"), ("st_src_items", "st_src_cates", "st_src_mask"),
+                   ("ll_items", "ll_cates", "ll_mask"))
+
+
+def match_counts(batch: dict[str, Tensor]) -> Tensor:
+    """log(1 + n) of the behaviours whose category, then whose item, is the candidate's, per sequence: (B, 6).
+
+    Read from the ids (exact, no embedding); the padding never counts (masked out).
+    """
+    item, cate = batch["item_id"].unsqueeze(1), batch["item_cate"].unsqueeze(1)  # (B, 1)
+    counts = []
+    for items, cates, mask in MATCH_SEQUENCES:
+        m = batch[mask]  # (B, S) or (B, L)
+        counts.append(((batch[cates] == cate) & m).sum(1))
+        counts.append(((batch[items] == item) & m).sum(1))
+    return torch.log1p(torch.stack(counts, dim=1).float())  # (B, 6)
+
+
 class CTRModel(nn.Module):
     """A lifelong-sequence CTR model assembled from a :class:`ModelConfig`."""
 
@@ -66,6 +85,7 @@ class CTRModel(nn.Module):
         aux_dim = self.context_encoder.aux_dim if self.context_encoder is not None else 0
         head_in = f.behaviour_dim + f.profile_dim + 2 * f.behaviour_dim + self.lifelong.out_dim + aux_dim
         head_in += 2 * f.behaviour_dim if cfg.head_products else 0
+        head_in += len(MATCH_SEQUENCES) * 2 if cfg.match_counts else 0
         self.head = MLP(head_in, list(cfg.head), out_dim=1)
         for m in self.head.modules():
             if isinstance(m, nn.Linear):
@@ -144,6 +164,9 @@ class CTRModel(nn.Module):
 
         if self.cfg.head_products:  # cand ⊙ short-term interests: their sums are the match scores
             parts.append(cand.unsqueeze(1).mul(short.view(short.shape[0], 2, -1)).flatten(1))  # (B, 4D)
+
+        if self.cfg.match_counts:
+            parts.append(match_counts(batch).to(parts[0].dtype))  # (B, 6)
 
         # 5. Head -> logits.
         logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
