@@ -107,22 +107,6 @@ def test_stream_summary_of_a_curve_that_grows_and_one_that_does_not():
     assert flat["private_slope_mb_per_million_rows"] == 0 and flat["private_ratio"] == 1.0
 
 
-@pytest.mark.ray
-def test_startup_on_a_running_cluster_times_the_first_batch_of_a_real_train_command(capsys, tiny_data):
-    """The runs join one local cluster started before them, whose workers do not inherit the command's
-    environment; the first-batch mark still reaches them (through the train loop's config). (On a fresh
-    cluster, the default: the startup part of the quick suite run, tests/test_bench_suite.py; ingest and
-    train are checked on that run too.)"""
-    out = _run(capsys, "startup", "--data", tiny_data, "--ll-len", "30", "--st-len", "6", "--repeats", "1",
-               "--cluster", "running", *TINY_JOB, "--no-mlflow")
-    assert out["cluster"] == "running"
-    assert out["seconds_to_first_batch"] > out["in_process_seconds"] > 0  # Ray's start-up is on top of the imports
-    assert out["ratio"] == pytest.approx(out["seconds_to_first_batch"] / out["in_process_seconds"], rel=1e-2)
-    # Ray's floor (a bare TorchTrainer on a fresh local cluster) is measured in the same run.
-    assert out["ray_floor_seconds"] > out["in_process_seconds"] and len(out["repeats"]["ray_floor"]) == 1
-    assert out["over_floor"] == pytest.approx(out["seconds_to_first_batch"] / out["ray_floor_seconds"], rel=1e-2)
-
-
 def test_time_to_mark_interrupts_the_command_and_reaps_what_it_started(tmp_path):
     """The timed command is stopped once its mark is written (SIGINT, as Ctrl-C), and every process it started
     is gone when the figure comes back; the figure is the mark's time, not the command's end."""

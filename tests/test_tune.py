@@ -131,7 +131,7 @@ def _alive(processes: list) -> list[str]:
 def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path, tmp_path: Path):
     """SIGTERM once a trial has finished and the next one trains (as Ctrl-C): exit 130 with one line, the parent
     and the interrupted child KILLED, the search's Ray processes gone. ``--resume`` then trains only the rest."""
-    space = _space(tmp_path, "resume", "fifo", {"train.seed": {"grid": [0, 1, 2]}}, 1)
+    space = _space(tmp_path, "resume", "fifo", {"train.seed": {"grid": [0, 1]}}, 1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
             "--name", "small-search"]
@@ -179,10 +179,10 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path
     assert result["parent_run_id"] == parent_id and client.get_run(parent_id).info.status == "FINISHED"
     children = _children(client, parent_id)
     done = [c for c in children if c.info.status == "FINISHED"]
-    assert len({c.data.tags["raylsm.trial_id"] for c in done}) == 3
+    assert len({c.data.tags["raylsm.trial_id"] for c in done}) == 2
     for trial_id in first:  # finished before the interruption: never trained again
         assert sum(c.data.tags["raylsm.trial_id"] == trial_id for c in children) == 1
-    assert result["counts"]["trials"] == 3
+    assert result["counts"]["trials"] == 2
 
 
 def test_a_trial_whose_run_already_finished_hands_back_its_recorded_epochs(tmp_path: Path):

@@ -172,7 +172,10 @@ def run_startup(args: argparse.Namespace) -> dict:
         with contextlib.ExitStack() as stack:
             # fresh: each `raylsm train` starts its own local cluster (its start-up is part of the figure);
             # running: they all join one local cluster started (untimed) before the first repeat.
-            address = stack.enter_context(running_local_cluster(args.timeout)) if args.cluster == "running" else None
+            # (a cluster already named by RAY_ADDRESS, e.g. the quick suite's, is the running one)
+            address = None
+            if args.cluster == "running":
+                address = os.environ.get("RAY_ADDRESS") or stack.enter_context(running_local_cluster(args.timeout))
             for r in range(args.repeats):
                 for figures, x in zip((ray_s, local_s, floor_s), _startup_repeat(args, train_cmd, data, sets, tmp, r, address)):
                     figures.append(x)

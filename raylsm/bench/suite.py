@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import shlex
@@ -38,6 +39,7 @@ MIN_PART_S = 10.0  # a started part gets at least this (or what is left, if less
 MIN_START_S = 0.5  # with less than this left, the remaining parts are skipped
 REAP_GRACE_S = 20.0  # a timed-out part: SIGINT, then this long for it (and the Ray it started) to stop
 TAIL_LINES = 20
+RAY_PARTS = ("ingest", "train", "startup")  # the parts that start (or, with --quick, join) a Ray cluster
 TINY_MODEL = ("features.emb_dim=8", "lap.k1=8", "lap.k2=4", "crp.m=16", "head=[8]")  # --quick
 
 
@@ -84,14 +86,16 @@ def plan(args: argparse.Namespace) -> list[Part]:
         "memory": [Part("memory", "memory", [*dev, "--models", models, *tiny,
                                              *(["--batch", "8", "--ll-len", "24", "--steps", "1", "--threads", "1"] if quick else [])])],
         # scale measures the CPU build (gloo workers) whatever the suite's device
-        "scale": [Part("scale", "scale", ["--device", "cpu", *(["--vocab", "50,3000", "--modes", "sharded", "--emb", "8", "--batch", "8", "--ll-len", "12",
+        "scale": [Part("scale", "scale", ["--device", "cpu", *(["--vocab", "50,3000", "--modes", "dense,sharded", "--emb", "8", "--batch", "8", "--ll-len", "12",
                                                                "--st-len", "4", "--steps", "2", "--warmup", "1",
                                                                *_sets(("lap.k1=8", "lap.k2=4", "head=[8]"))] if quick else [])])],
         "ingest": [Part("ingest", "ingest", [*dev, "--cpus", cpu_steps(os.cpu_count() or 1), *tiny_data,
                                              *(["--batch", "64", "--repeats", "1"] if quick else [])])],
         "train": [Part("train", "train", [*dev, *tiny_data, *tiny_job,
                                           *(["--batch", "128", "--epochs", "2", "--steps", "2", "--repeats", "1"] if quick else [])])],
-        "startup": [Part("startup", "startup", [*dev, "--repeats", "1", *tiny_data, *tiny_job])],
+        # --quick: on the suite's one running local cluster (fresh clusters are the full suite's figure)
+        "startup": [Part("startup", "startup", [*dev, "--repeats", "1", *tiny_data, *tiny_job,
+                                                *(["--cluster", "running"] if quick else [])])],
     }
     return [p for name in PARTS if name in args.parts for p in parts[name]]
 
@@ -106,8 +110,9 @@ def _relay(stream, name: str, tail: collections.deque) -> None:
         tail.append(line.rstrip())
 
 
-def run_part(part: Part, timeout: float) -> dict:
-    """Run one part as a child process within ``timeout`` seconds; its record (status, seconds, its JSON, ...)."""
+def run_part(part: Part, timeout: float, env: dict[str, str] | None = None) -> dict:
+    """Run one part as a child process within ``timeout`` seconds (in ``env``, default this process's
+    environment); its record (status, seconds, its JSON, ...)."""
     from raylsm.bench.startup import _interrupt_and_reap
 
     cmd = [sys.executable, "-m", "raylsm", "bench", part.bench, *part.argv, "--no-mlflow"]
@@ -115,7 +120,7 @@ def run_part(part: Part, timeout: float) -> dict:
     tail: collections.deque = collections.deque(maxlen=TAIL_LINES)
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
         reader = threading.Thread(target=_relay, args=(proc.stderr, part.name, tail), daemon=True)
         reader.start()
         try:
@@ -141,9 +146,19 @@ def run_part(part: Part, timeout: float) -> dict:
     return record
 
 
-def run_parts(todo: list[Part], budget: float) -> dict[str, dict]:
-    """Every part in order within ``budget`` seconds: a weighted share of what is left each; records by name."""
+def run_parts(todo: list[Part], budget: float, shared_cluster: bool = False) -> dict[str, dict]:
+    """Every part in order within ``budget`` seconds: a weighted share of what is left each; records by name.
+
+    ``shared_cluster`` (``--quick``): the Ray parts (:data:`RAY_PARTS`) join one local cluster, started
+    before the first of them and stopped after the last, instead of each starting its own.
+    """
+    with contextlib.ExitStack() as stack:
+        return _run_parts(todo, budget, stack if shared_cluster else None)
+
+
+def _run_parts(todo: list[Part], budget: float, stack: contextlib.ExitStack | None) -> dict[str, dict]:
     started = time.monotonic()
+    cluster_env: dict[str, str] | None = None
     records: dict[str, dict] = {}
     last_step: tuple[str, float] | None = None
     for i, part in enumerate(todo):
@@ -159,10 +174,25 @@ def run_parts(todo: list[Part], budget: float) -> dict[str, dict]:
             records[part.name] = {"bench": part.bench, "argv": part.argv, "status": "skipped", "seconds": 0.0,
                                   "reason": reason}
             continue
-        records[part.name] = run_part(part, min(left, max(share, MIN_PART_S)))
+        env = None
+        if stack is not None and part.bench in RAY_PARTS:
+            if cluster_env is None:
+                cluster_env = _shared_cluster(stack, left)
+            env = cluster_env
+        records[part.name] = run_part(part, min(left, max(share, MIN_PART_S)), env)
         if part.bench == "step":
             last_step = (part.name, records[part.name]["seconds"])
     return records
+
+
+def _shared_cluster(stack: contextlib.ExitStack, timeout: float) -> dict[str, str]:
+    """Start one local loopback cluster for the rest of ``stack``: the environment that joins it."""
+    from raylsm.bench.startup import running_local_cluster
+
+    start = time.monotonic()
+    address = stack.enter_context(running_local_cluster(timeout))
+    log(f"suite: the Ray parts join one local cluster ({address}, started in {time.monotonic() - start:.1f} s)")
+    return {**os.environ, "RAY_ADDRESS": address}
 
 
 # ----------------------------------------------------------------------------- reports
@@ -278,7 +308,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         raise ValueError(f"--out: {args.out} exists and is not a directory")
     out = make_private_dir(args.out)
     started, machine_info = time.monotonic(), machine()  # the machine (its load) before the parts run
-    details = run_parts(plan(args), args.budget)
+    details = run_parts(plan(args), args.budget, shared_cluster=args.quick)
     summary = {
         "bench": "suite", "device": args.device, "quick": args.quick, "budget_s": args.budget,
         "parts": {name: {"status": d["status"], "seconds": d["seconds"], "ratio": d.get("result", {}).get("ratio")}
