@@ -168,7 +168,9 @@ def test_fig5_lap_vs_sim_soft_logged_to_mlflow(trained, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in [*m["consistency"].values(), *m["cascade_recall"].values()]), m
         assert 0.2 < m["chance"] < 0.5  # top-8 of 16..40 valid behaviours
         assert m["chance"] - 1e-9 <= m["final_top_mass"] <= 1.0 + 1e-9  # the n largest of weights summing to 1
-    assert sim["cascade_recall"]["gsu"] == pytest.approx(sim["consistency"]["gsu"])  # SIM's K = top-n = 8
+    # SIM's K = top-n = 8: its own top-8 and the first 8 of the full ranking are one set, up to behaviours tied
+    # at the 8th score (a repeated item scores the same), which topk may pick either way: one position in 150 rows
+    assert sim["cascade_recall"]["gsu"] == pytest.approx(sim["consistency"]["gsu"], abs=2 / (8 * 100))
     logged = sorted(a.path for a in client.list_artifacts(run_id, "figures"))
     assert logged == ["figures/fig5.json", "figures/fig5.png"] == sorted(res["artifacts"])
 

@@ -161,7 +161,8 @@ def _kill_worker_after_first_checkpoint(run_dir: Path, killed: list, timeout: fl
 
 def test_worker_killed_after_first_checkpoint_is_replaced(ray_local, tiny_data, tmp_path):
     killed: list[int] = []
-    job = _job(tiny_data, tmp_path, "train.epochs=3", "name=faulty", "train.max_failures=2")
+    # (early stopping off: every epoch runs, so the replaced worker must carry the run to its last one)
+    job = _job(tiny_data, tmp_path, "train.epochs=3", "name=faulty", "train.max_failures=2", "train.early_stop_patience=0")
     watcher = threading.Thread(target=_kill_worker_after_first_checkpoint, args=(tmp_path / "runs" / "faulty", killed))
     watcher.start()
     result = run_training(job)
