@@ -452,6 +452,40 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_a_checkpoint_written_before_a_model_key_existed_loads_as_the_model_it_is(tiny_data: Path, tmp_path: Path):
+    """A checkpoint of a model without the head's count inputs (``match_counts`` off), its ``job.json`` lacking the
+    key as checkpoints written before it existed do, loads as that model; with the key dropped from an on-model's
+    ``job.json`` the weights no longer match, and that is one clear line."""
+    import torch
+
+    from raylsm.data.contract import read_manifest
+    from raylsm.models.ctr import build_model
+    from raylsm.models.layers import Vocab
+    from raylsm.train.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
+    from raylsm.train.config import resolve_job
+    from raylsm.train.optim import build_optimizer
+
+    vocab = Vocab.from_manifest(read_manifest(tiny_data))
+    for counts in (False, True):
+        job = resolve_job(preset="din", overrides=[f"data.path={tiny_data}", "data.ll_len=40", "data.st_len=10",
+                                                    "model.features.emb_dim=8", "model.head=[16]",
+                                                    f"model.match_counts={str(counts).lower()}"])
+        model = build_model(job.model, vocab)
+        directory = tmp_path / f"counts-{counts}"
+        directory.mkdir()
+        save_checkpoint(str(directory), model, build_optimizer(model, 1e-3), 0, job, vocab, {"epoch": 0})
+        meta = json.loads((directory / "job.json").read_text())
+        assert meta["job"]["model"].pop("match_counts") is counts
+        (directory / "job.json").write_text(json.dumps(meta))
+        if counts:
+            with pytest.raises(CheckpointError, match="weight head.0.weight has shape"):
+                model_from_checkpoint(str(directory))
+        else:
+            loaded, meta = model_from_checkpoint(str(directory))
+            assert loaded.cfg.match_counts is False and meta["job"]["model"]["match_counts"] is False
+            assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_crafted_checkpoints_are_one_line_for_eval(tiny_data: Path, tmp_path: Path, capsys):
     import shutil
 

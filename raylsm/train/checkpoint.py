@@ -110,6 +110,11 @@ META_KEYS = {"job", "vocab", "epoch", "metrics", "mlflow_run_id"}  # what save_c
 _VOCAB_KEYS = ("item", "cate", "ctx", "gap", "user")
 
 
+# Model keys added after checkpoints were first written, with the value a checkpoint without the key was
+# trained with (its architecture): such a checkpoint keeps loading as the model it is.
+KEYS_ADDED_SINCE = {"match_counts": False}
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, not a raylsm checkpoint, or refuses to load; one line."""
 
@@ -152,6 +157,10 @@ def read_meta(directory: str, option: str = "--checkpoint") -> dict:
     epoch = meta.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise CheckpointError(f"{where}: epoch must be an integer >= 0, got {str(epoch)[:40]}")
+    model = meta["job"].get("model")
+    if isinstance(model, dict):  # a checkpoint written before a model key existed was trained without it
+        for key, value in KEYS_ADDED_SINCE.items():
+            model.setdefault(key, value)
     try:
         meta["job"] = job_to_dict(from_dict(JobConfig, meta["job"]))  # parsed and checked, back to plain data
     except (ConfigError, TypeError, RecursionError) as e:
