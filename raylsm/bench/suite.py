@@ -152,36 +152,31 @@ def run_parts(todo: list[Part], budget: float, shared_cluster: bool = False) -> 
     ``shared_cluster`` (``--quick``): the Ray parts (:data:`RAY_PARTS`) join one local cluster, started
     before the first of them and stopped after the last, instead of each starting its own.
     """
-    with contextlib.ExitStack() as stack:
-        return _run_parts(todo, budget, stack if shared_cluster else None)
-
-
-def _run_parts(todo: list[Part], budget: float, stack: contextlib.ExitStack | None) -> dict[str, dict]:
     started = time.monotonic()
     cluster_env: dict[str, str] | None = None
     records: dict[str, dict] = {}
     last_step: tuple[str, float] | None = None
-    for i, part in enumerate(todo):
-        left = budget - (time.monotonic() - started)
-        share = left * part.weight / sum(p.weight for p in todo[i:])
-        reason = None
-        if left < MIN_START_S:
-            reason = "budget spent"
-        elif part.bench == "step" and last_step and last_step[1] > share:
-            reason = f"shrunk: {last_step[0]} took {last_step[1]:.0f} s, more than this batch size's share ({share:.0f} s)"
-        if reason:
-            log(f"suite: {part.name} skipped ({reason})")
-            records[part.name] = {"bench": part.bench, "argv": part.argv, "status": "skipped", "seconds": 0.0,
-                                  "reason": reason}
-            continue
-        env = None
-        if stack is not None and part.bench in RAY_PARTS:
-            if cluster_env is None:
-                cluster_env = _shared_cluster(stack, left)
-            env = cluster_env
-        records[part.name] = run_part(part, min(left, max(share, MIN_PART_S)), env)
-        if part.bench == "step":
-            last_step = (part.name, records[part.name]["seconds"])
+    with contextlib.ExitStack() as stack:  # holds the shared cluster once one is started
+        for i, part in enumerate(todo):
+            left = budget - (time.monotonic() - started)
+            share = left * part.weight / sum(p.weight for p in todo[i:])
+            reason = None
+            if left < MIN_START_S:
+                reason = "budget spent"
+            elif part.bench == "step" and last_step and last_step[1] > share:
+                reason = f"shrunk: {last_step[0]} took {last_step[1]:.0f} s, more than this batch size's share ({share:.0f} s)"
+            if reason:
+                log(f"suite: {part.name} skipped ({reason})")
+                records[part.name] = {"bench": part.bench, "argv": part.argv, "status": "skipped", "seconds": 0.0,
+                                      "reason": reason}
+                continue
+            env = None
+            if shared_cluster and part.bench in RAY_PARTS:
+                cluster_env = cluster_env or _shared_cluster(stack, left)
+                env = cluster_env
+            records[part.name] = run_part(part, min(left, max(share, MIN_PART_S)), env)
+            if part.bench == "step":
+                last_step = (part.name, records[part.name]["seconds"])
     return records
 
 

@@ -310,7 +310,7 @@ class ModelConfig:
     # The head's input also holds log(1 + n) for the number of behaviours in st_tgt, st_src and the lifelong
     # sequence whose category (and whose item) is the candidate's: 6 scalars read from the ids, the "how
     # often did this user act on this" that a weighted mean of embeddings cannot carry. A project reading,
-    # not the papers' (their "other features"); off in the ``*_paper`` presets.
+    # not the papers' (their "other features"); off in ``cain`` (measured) and the ``*_paper`` presets.
     match_counts: bool = True
     features: FeatureConfig = field(default_factory=FeatureConfig)
     din: DinConfig = field(default_factory=DinConfig)
