@@ -9,10 +9,11 @@ export RAY_AUTH_MODE ?= disabled
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first (pinned); a GPU machine installs its CUDA build of a torch in the project's range instead.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# The CPU build of torch first (pinned; pip takes it from the machine's own copy); a GPU machine installs its
+	# CUDA build of a torch in the project's range instead. uv installs the rest (same versions as pip, ~10x faster);
+	# it keeps the torch already there, which satisfies the project's range.
+	$(PY) -m pip install -q torch==2.13.0 uv
+	$(PY) -m uv pip install -q --python $(PY) -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -38,6 +38,7 @@ def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str
     from raylsm.train.tracking import client as mlflow_client
 
     client = mlflow_client(tracking_uri)
+    _wait_for_trial_drivers(client, experiment_id, parent_run_id)
     out = {}
     for run in children(client, experiment_id, parent_run_id):
         status = run.info.status
@@ -58,6 +59,22 @@ def reconcile_children(tracking_uri: str, experiment_id: str, parent_run_id: str
         client.set_tag(run.info.run_id, "raylsm.trial_status", tag)
         out[run.info.run_id] = tag
     return out
+
+
+def _wait_for_trial_drivers(client, experiment_id: str, parent_run_id: str, timeout: float = 30.0) -> None:
+    """Wait (at most ``timeout``) until the trial processes that opened children still RUNNING have exited.
+
+    A trial the scheduler stopped is torn down asynchronously once Tune returns; a trial process that is
+    still ending would otherwise close its run (FAILED, KILLED) after it was reconciled here.
+    """
+    from raylsm.train.tracking import DRIVER_TAG, driver_alive
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running = [r for r in children(client, experiment_id, parent_run_id) if r.info.status == "RUNNING"]
+        if not any(driver_alive(r.data.tags.get(DRIVER_TAG, "")) for r in running):
+            return
+        time.sleep(0.5)
 
 
 def tune_status(search_dir: Path) -> dict[str, str]:
