@@ -58,6 +58,10 @@ def test_quick_suite_runs_every_part_and_its_reports_agree_with_its_last_line(qu
     for name, d in report["details"].items():
         assert d["result"]["bench"] == d["bench"] and line["parts"][name]["ratio"] == d["result"]["ratio"]
         assert d["seconds"] <= d["timeout_s"] <= line["budget_s"]
+    # The Ray parts joined one local cluster, and it is bound to loopback (its GCS address is 127.0.0.1).
+    addresses = {d.get("ray_address") for n, d in report["details"].items() if d["bench"] in suite.RAY_PARTS}
+    assert len(addresses) == 1 and addresses.pop().startswith("127.0.0.1:"), addresses
+    assert all("ray_address" not in d for d in report["details"].values() if d["bench"] not in suite.RAY_PARTS)
 
 
 @pytest.mark.ray

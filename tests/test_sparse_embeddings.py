@@ -5,6 +5,9 @@
 * the combined optimizer's state saves and restores through the project's checkpoints;
 * two gloo workers: tables are left out of DDP, start from rank 0's rows, and their exchanged sparse
   gradients give the update of one process over both halves of the batch.
+
+Two sparse Ray Train workers training, checkpointing and resuming: the two-worker run of
+``tests/test_train_ray.py``.
 """
 
 from __future__ import annotations
@@ -192,55 +195,6 @@ def test_every_preset_takes_the_same_sgd_steps_dense_and_sparse(preset):
 
 
 @pytest.mark.ray
-def test_ray_two_workers_train_sparse_and_resume(ray_local, tmp_path):
-    import sys
-
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raylsm.data.collate import CollateSpec
-    from raylsm.data.contract import read_manifest
-    from raylsm.data.pipeline import read_split
-    from raylsm.train.backend import torch_config
-    from raylsm.train.config import job_to_dict
-    from raylsm.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from raylsm.train.loop import train_loop_per_worker
-    from tests.conftest import small_world_dataset
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    data = small_world_dataset(tmp_path / "synth", rows=600, ll_len=12, st_len=4)
-    manifest = read_manifest(data)
-    vocab = Vocab.from_manifest(manifest)
-    spec = CollateSpec(4, 12, tuple(manifest.profile_fields))
-    base = [f"data.path={data}", f"storage={tmp_path}", *JOB_TINY, "train.batch_size=32", "train.max_steps_per_epoch=2",
-            "train.embedding_update=sparse", "data.val_fraction=0"]
-
-    def fit(job, name: str):
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"job": job_to_dict(job), "vocab": vocab.__dict__, "mlflow_run_id": None, "tracking_uri": None},
-            torch_config=torch_config(),
-            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-            run_config=ray.train.RunConfig(name=name, storage_path=str(tmp_path / "runs"),
-                                           failure_config=ray.train.FailureConfig(max_failures=0)),
-            datasets={"train": read_split(data, "train", spec, shuffle_seed=0), "test": read_split(data, "test", spec)},
-        )
-        result = trainer.fit()
-        assert result.error is None, result.error
-        return result.checkpoint.path
-
-    first = fit(resolve_job(preset="lap", overrides=[*base, "train.epochs=1"]), "sparse-a")
-    state, _ = load_checkpoint(first)
-    assert len(state["optimizer"]["param_groups"]) == 2 and state["epoch"] == 0
-    second = fit(resolve_job(preset="lap", overrides=[*base, "train.epochs=2", f"resume_from={first}"]), "sparse-b")
-    state2, meta = load_checkpoint(second)
-    assert state2["epoch"] == 1 and meta["metrics"]["train_rows"] == 2 * 2 * 32
-    item = "features.tables.item.weight"
-    assert not torch.equal(state2["model"][item], state["model"][item])
-    model, _ = model_from_checkpoint(second)  # the trained model loads on one CPU process as ever
-    assert model.features.tables["item"].weight.shape[0] == vocab.item
-
-
 def test_auto_is_dense_for_small_tables_and_sparse_from_a_hundred_thousand_rows():
     from raylsm.models.sharded_embedding import SHARD_MIN_ROWS
     from raylsm.train.optim import resolve_embedding_update

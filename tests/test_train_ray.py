@@ -56,7 +56,10 @@ def _reference_metrics(checkpoint: str, data: Path) -> tuple[float, float, np.nd
 def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_path, capsys):
     results = {}
     for workers in (1, 2):  # per-worker batch 128: 2 workers take half the steps with twice the global batch
-        job = _job(tiny_data, tmp_path, f"train.workers={workers}", f"name=w{workers}")
+        # The two-worker run trains its tables row-sparse (row-wise Adam, table rows exchanged, DDP over the
+        # dense parameters only); the one-worker run at the default (dense at this vocabulary).
+        sparse = ["train.embedding_update=sparse"] if workers == 2 else []
+        job = _job(tiny_data, tmp_path, f"train.workers={workers}", f"name=w{workers}", *sparse)
         results[workers] = run_training(job)
     for workers, r in results.items():
         assert r["auc"] > 0.55, (workers, r)
@@ -71,16 +74,24 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     assert abs(results[1]["auc"] - results[2]["auc"]) < 0.1
 
     # --resume-from: a new run continues from a given checkpoint (its weights, optimizer and epoch) and trains
-    # only the epochs after it. (Resuming a run of the same name from its own checkpoints, as Ray hands them back:
-    # the SIGKILL-then-restart sequence of tests/test_signals.py.)
-    state, _ = load_checkpoint(results[1]["checkpoint"])
-    assert state["epoch"] == results[1]["epoch"]
-    resumed = run_training(_job(tiny_data, tmp_path, f"train.epochs={state['epoch'] + 2}", "train.workers=1",
-                                "name=from-ckpt", f"resume_from={results[1]['checkpoint']}"))
+    # only the epochs after it: here the two sparse workers' checkpoint, by two sparse workers (the row-wise
+    # optimizer's state goes through the checkpoint). (Resuming a run of the same name from its own
+    # checkpoints, as Ray hands them back: the SIGKILL-then-restart sequence of tests/test_signals.py.)
+    state, _ = load_checkpoint(results[2]["checkpoint"])
+    assert state["epoch"] == results[2]["epoch"]
+    assert len(state["optimizer"]["param_groups"]) == 2  # the row-wise part (tables) and Adam (dense parameters)
+    resumed = run_training(_job(tiny_data, tmp_path, f"train.epochs={state['epoch'] + 2}", "train.workers=2",
+                                "train.embedding_update=sparse", "train.early_stop_patience=0",
+                                "name=from-ckpt", f"resume_from={results[2]['checkpoint']}"))
     from mlflow.tracking import MlflowClient
 
     history = MlflowClient(tracking_uri=resumed["tracking_uri"]).get_metric_history(resumed["mlflow_run_id"], "test_auc")
     assert [m.step for m in history] == [state["epoch"] + 1]
+    state2, _ = load_checkpoint(resumed["checkpoint"])
+    item = "features.tables.item.weight"
+    assert state2["epoch"] == state["epoch"] + 1 and len(state2["optimizer"]["param_groups"]) == 2
+    assert state2["model"][item].shape == state["model"][item].shape  # whole on every worker (not sharded)
+    assert not torch.equal(state2["model"][item], state["model"][item])  # the resumed run trained the table
 
     # `raylsm eval` on the best checkpoint reproduces the run's figures.
     from raylsm.cli import main

@@ -194,7 +194,8 @@ def child_context() -> Any:
         _CHILDREN = mp.get_context("forkserver")
         # torch._dynamo: what the first optimizer built in a process imports (~2 s here)
         _CHILDREN.set_forkserver_preload(["torch", "torch._dynamo", "raylsm.models.ctr", "raylsm.models.registry",
-                                          "raylsm.train.optim", "raylsm.train.step", "raylsm.bench.common"])
+                                          "raylsm.train.optim", "raylsm.train.step", "raylsm.bench.common",
+                                          "torch.distributed", "raylsm.models.sharded_embedding"])
     return _CHILDREN
 
 

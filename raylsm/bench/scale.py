@@ -23,14 +23,13 @@ Progress goes to stderr; the JSON is the last stdout line.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import resource
 import socket
 import time
 from typing import Any
 
-from raylsm.bench.common import DEFAULT_VOCAB, csv_ints, csv_names, log, machine, median
+from raylsm.bench.common import DEFAULT_VOCAB, child_context, csv_ints, csv_names, log, machine, median
 
 MODES = ("dense", "sparse", "sharded")
 
@@ -134,7 +133,7 @@ def scale_worker(rank: int, world: int, port: int, spec: dict, results) -> None:
 
 def run_point(spec: dict, world: int, timeout: float) -> dict:
     """``world`` spawned workers for one point; the row: step time of the slowest, memory of the largest worker."""
-    ctx = mp.get_context("spawn")
+    ctx = child_context()  # forks of a server with torch and the models imported: no interpreter start per point
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=scale_worker, args=(r, world, port, spec, results), daemon=True) for r in range(world)]

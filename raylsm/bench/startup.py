@@ -41,17 +41,17 @@ def local_first_batch(data: str, model: str, overrides: list[str], mark: str) ->
 def bare_trainer_first_batch(mark: str, storage: str) -> None:
     """Ray's own floor: a fresh local cluster (as ``raylsm train`` starts it) and a bare ``TorchTrainer``
     streaming ``ray.data.range`` to one worker, up to its first batch; no model, data files or MLflow."""
+    from raylsm.train.cluster import ensure_ray
+
+    ensure_ray(quiet=True)  # before Ray is imported here: it reads the loopback setting at import
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from raylsm.train.cluster import ensure_ray
 
     def loop(config: dict) -> None:
         next(iter(ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=64)))
         Path(config["mark"]).write_text(repr(time.time()))
 
-    ensure_ray(quiet=True)
     TorchTrainer(loop, train_loop_config={"mark": mark}, datasets={"train": ray.data.range(1000)},
                  scaling_config=ray.train.ScalingConfig(num_workers=1),
                  run_config=ray.train.RunConfig(storage_path=storage)).fit()
@@ -59,27 +59,38 @@ def bare_trainer_first_batch(mark: str, storage: str) -> None:
 
 def hold_local_cluster(num_cpus: float | None = None) -> None:
     """Start a local cluster as ``raylsm train`` does, print its GCS address, keep it until stdin closes."""
-    import ray
-
     from raylsm.train.cluster import ensure_ray
 
-    ensure_ray(num_cpus=num_cpus, quiet=True)
+    ensure_ray(num_cpus=num_cpus, quiet=True)  # before Ray is imported here: it reads the loopback setting at import
+    import ray
+
     print(ray.get_runtime_context().gcs_address, flush=True)
     sys.stdin.read()
 
 
 @contextlib.contextmanager
-def running_local_cluster(timeout: float):
-    """A local loopback cluster in a process of its own for the duration: yields its address."""
+def starting_local_cluster():
+    """Start a local loopback cluster in a process of its own now, and keep it for the duration.
+
+    Yields ``address(timeout)``, which waits (at most ``timeout`` seconds) for the cluster to be up and
+    returns its address: whatever runs in between overlaps the cluster's start-up.
+    """
     code = "from raylsm.bench.startup import hold_local_cluster; hold_local_cluster()"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    known: list[str] = []
+
+    def address(timeout: float) -> str:
+        if not known:
+            ready = select.select([proc.stdout], [], [], timeout)[0]
+            line = proc.stdout.readline().strip() if ready else ""
+            if not line:
+                raise RuntimeError(f"the local cluster for `--cluster running` did not start within {timeout:.0f} s")
+            log(f"local cluster running at {line}")
+            known.append(line)
+        return known[0]
+
     try:
-        ready = select.select([proc.stdout], [], [], timeout)[0]
-        address = proc.stdout.readline().strip() if ready else ""
-        if not address:
-            raise RuntimeError(f"the local cluster for `--cluster running` did not start within {timeout:.0f} s")
-        log(f"local cluster running at {address}")
         yield address
     finally:
         proc.stdin.close()  # the holder's driver exits and its local cluster stops with it
@@ -87,6 +98,13 @@ def running_local_cluster(timeout: float):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def running_local_cluster(timeout: float):
+    """A local loopback cluster in a process of its own for the duration: yields its address once it is up."""
+    with starting_local_cluster() as address:
+        yield address(timeout)
 
 
 def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict, grace: float = 60.0) -> float:

@@ -150,13 +150,17 @@ def run_parts(todo: list[Part], budget: float, shared_cluster: bool = False) -> 
     """Every part in order within ``budget`` seconds: a weighted share of what is left each; records by name.
 
     ``shared_cluster`` (``--quick``): the Ray parts (:data:`RAY_PARTS`) join one local cluster, started
-    before the first of them and stopped after the last, instead of each starting its own.
+    as the part before the first of them starts (its start-up overlaps that part) and stopped after the
+    last, instead of each starting its own.
     """
+    from raylsm.bench.startup import starting_local_cluster
+
     started = time.monotonic()
     cluster_env: dict[str, str] | None = None
     records: dict[str, dict] = {}
     last_step: tuple[str, float] | None = None
-    with contextlib.ExitStack() as stack:  # holds the shared cluster once one is started
+    with contextlib.ExitStack() as stack:  # holds the shared cluster for the whole loop
+        cluster = None
         for i, part in enumerate(todo):
             left = budget - (time.monotonic() - started)
             share = left * part.weight / sum(p.weight for p in todo[i:])
@@ -171,23 +175,25 @@ def run_parts(todo: list[Part], budget: float, shared_cluster: bool = False) -> 
                                       "reason": reason}
                 continue
             env = None
-            if shared_cluster and part.bench in RAY_PARTS:
-                cluster_env = cluster_env or _shared_cluster(stack, left)
+            if shared_cluster and cluster is None and any(p.bench in RAY_PARTS for p in todo[i:i + 2]):
+                cluster = stack.enter_context(starting_local_cluster())
+            if cluster is not None and part.bench in RAY_PARTS:
+                cluster_env = cluster_env or _shared_cluster(cluster, left)
                 env = cluster_env
             records[part.name] = run_part(part, min(left, max(share, MIN_PART_S)), env)
+            if env is not None:
+                records[part.name]["ray_address"] = env["RAY_ADDRESS"]  # the shared cluster it joined (loopback)
             if part.bench == "step":
                 last_step = (part.name, records[part.name]["seconds"])
     return records
 
 
-def _shared_cluster(stack: contextlib.ExitStack, timeout: float) -> dict[str, str]:
-    """Start one local loopback cluster for the rest of ``stack``: the environment that joins it."""
-    from raylsm.bench.startup import running_local_cluster
-
+def _shared_cluster(address, timeout: float) -> dict[str, str]:
+    """The environment that joins the suite's local cluster (``address``: waits for it to be up)."""
     start = time.monotonic()
-    address = stack.enter_context(running_local_cluster(timeout))
-    log(f"suite: the Ray parts join one local cluster ({address}, started in {time.monotonic() - start:.1f} s)")
-    return {**os.environ, "RAY_ADDRESS": address}
+    at = address(timeout)
+    log(f"suite: the Ray parts join one local cluster ({at}, waited {time.monotonic() - start:.1f} s for it)")
+    return {**os.environ, "RAY_ADDRESS": at}
 
 
 # ----------------------------------------------------------------------------- reports
