@@ -54,57 +54,6 @@ def _children(client: MlflowClient, parent: str) -> list:
     return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
 
-def test_search_asha_children_and_best(data: Path, tmp_path: Path):
-    """2 trials run one after the other (lr 1e-2, then 1e-8), 2 epochs, ASHA after epoch 1: the 1e-8 trial's
-    validation logloss stays at its initial value while the 1e-2 trial's has dropped, so ASHA must stop it.
-
-    The tracking URI carries a token (``sqlite:///...?token=S3CRET``, a query MLflow's SQL store accepts): the
-    search is recorded, and the token is in no file of the storage, the store or the artifacts, nor in the output."""
-    from tests.test_security import SECRET, _files_holding
-
-    space = _space(tmp_path, "asha", "asha", {"train.lr": {"grid": [0.01, 1.0e-8]}}, 2)
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    proc = _cli("--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri",
-                f"{uri}?token={SECRET}", "--experiment", "t", tmp=tmp_path)
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-3000:]
-    assert SECRET not in out and SECRET not in err
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["tracking_uri"] == f"{uri}?token=***"
-    client = MlflowClient(tracking_uri=uri)
-    parent = client.get_run(result["parent_run_id"])
-    assert parent.info.status == "FINISHED"
-    children = _children(client, parent.info.run_id)
-    assert len(children) == 2 and len({c.data.tags["raylsm.trial_id"] for c in children}) == 2
-    assert all(c.info.status != "RUNNING" for c in children)
-    statuses = sorted(c.data.tags["raylsm.trial_status"] for c in children)
-    assert statuses == ["completed", "stopped_by_scheduler"], statuses
-    stopped = [c for c in children if c.data.tags["raylsm.trial_status"] == "stopped_by_scheduler"]
-    assert all(json.loads(c.data.tags["raylsm.trial_config"])["train.lr"] == 1e-8 for c in stopped)
-    assert all(c.info.status == "KILLED" for c in stopped)
-    assert result["counts"]["stopped"] == len(stopped) == 1 and result["counts"]["trials"] == 2
-    # The best config in the JSON is the child with the lowest validation logloss over its epochs.
-    def best_of(run):
-        return min(m.value for m in client.get_metric_history(run.info.run_id, "val_logloss"))
-    best_child = min(children, key=best_of)
-    assert result["best"]["mlflow_run_id"] == best_child.info.run_id
-    assert result["best"]["config"] == json.loads(best_child.data.tags["raylsm.trial_config"])
-    assert result["best"]["config"]["train.lr"] == 0.01
-    assert result["best"]["best_val_logloss"] == pytest.approx(best_of(best_child))
-    # The child is a full training record: used params, headline metrics, dataset input, model.
-    assert best_child.data.params["train.lr"] == "0.01" and "model.twin.k" not in best_child.data.params
-    assert best_child.data.params["mlflow.tracking_uri"] == result["tracking_uri"]
-    assert best_child.data.metrics["auc"] == pytest.approx(result["best"]["auc"])
-    assert best_child.inputs.dataset_inputs and best_child.inputs.dataset_inputs[0].dataset.digest
-    # The parent holds the space file, the trials table and the best config.
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"asha.yaml", "trials.csv", "best.json"} <= artifacts
-    assert parent.data.params["best.train.lr"] == "0.01" and parent.data.params["search.scheduler"] == "asha"
-    assert list((tmp_path / "runs").rglob("job.json")) and (tmp_path / "mlartifacts").is_dir()
-    assert _files_holding(tmp_path, SECRET.encode()) == [], "secret written to disk"
-
-
 def _tree(proc: subprocess.Popen) -> list:
     import psutil
 
@@ -128,28 +77,45 @@ def _alive(processes: list) -> list[str]:
     return out
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path, tmp_path: Path):
-    """SIGTERM once a trial has finished and the next one trains (as Ctrl-C): exit 130 with one line, the parent
-    and the interrupted child KILLED, the search's Ray processes gone. ``--resume`` then trains only the rest."""
-    space = _space(tmp_path, "resume", "fifo", {"train.seed": {"grid": [0, 1]}}, 1)
+def _trial_runs(client: MlflowClient) -> list:
+    exp = client.get_experiment_by_name("raylsm")
+    return client.search_runs([exp.experiment_id], filter_string="tags.raylsm.trial_id != ''") if exp else []
+
+
+def _lr(run) -> float:
+    return json.loads(run.data.tags["raylsm.trial_config"])["train.lr"]
+
+
+def test_asha_search_interrupted_and_resumed(data: Path, tmp_path: Path):
+    """One search serves the scheduler, the interruption and the resume.
+
+    Three trials one after the other, 2 epochs, ASHA after epoch 1: lr 1e-2 completes; lr 1e-8 (its validation
+    logloss stays at its initial value while the first's dropped) must be stopped by ASHA; once the third
+    (lr 3e-3) trains, SIGTERM (as Ctrl-C): exit 130 with one line, the parent and the interrupted child
+    KILLED, the search's Ray processes gone. ``--resume`` then trains only the third, and the search ends
+    with every child closed and tagged, and the best config that of the child with the lowest logloss.
+
+    The tracking URI carries a token (``sqlite:///...?token=S3CRET``, a query MLflow's SQL store accepts): the
+    search is recorded, and the token is in no file of the storage, the store or the artifacts, nor in the output."""
+    from tests.test_security import SECRET, _files_holding
+
+    space = _space(tmp_path, "asha", "asha", {"train.lr": {"grid": [0.01, 1.0e-8, 0.003]}}, 2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
-            "--name", "small-search"]
+    args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri",
+            f"{uri}?token={SECRET}", "--experiment", "raylsm", "--name", "small-search"]
     proc = _cli(*args, tmp=tmp_path)
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 600
-    finished: list = []
+    runs: list = []
     tree: list = []
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
             try:
-                exp = client.get_experiment_by_name("raylsm")
-                runs = client.search_runs([exp.experiment_id], filter_string="tags.raylsm.trial_id != ''") if exp else []
+                runs = _trial_runs(client)
             except Exception:  # the store is being created
                 continue
-            finished = [r for r in runs if r.info.status == "FINISHED"]
-            if finished and any(r.info.status == "RUNNING" for r in runs):
+            if any(_lr(r) == 0.003 and r.info.status == "RUNNING" for r in runs):  # the third trial trains
                 tree = _tree(proc)
                 proc.send_signal(signal.SIGTERM)
                 break
@@ -158,15 +124,17 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path
         if proc.poll() is None:
             for p in reversed(_tree(proc)):
                 p.kill()
-    assert finished and tree and proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert tree and proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert SECRET not in out and SECRET not in err
     assert "Traceback" not in err, err[-3000:]
     assert "raylsm: interrupted" in err and "continue it with --resume --name small-search" in err, err[-3000:]
-    first = {r.data.tags["raylsm.trial_id"] for r in finished}
-    parent_id = finished[0].data.tags["mlflow.parentRunId"]
+    runs = {_lr(r): r for r in _trial_runs(client)}
+    parent_id = runs[0.01].data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).info.status == "KILLED"
-    stopped = [c for c in _children(client, parent_id) if c.data.tags["raylsm.trial_id"] not in first]
-    assert stopped and all(c.info.status == "KILLED" for c in stopped), [c.info.status for c in stopped]
-    assert all(c.data.tags["raylsm.trial_status"] == "interrupted" for c in stopped)
+    assert runs[0.01].info.status == "FINISHED"
+    # ASHA stopped the 1e-8 trial: its trainer was killed, so the search closed its run KILLED and tagged it.
+    assert runs[1e-8].info.status == "KILLED" and runs[1e-8].data.tags["raylsm.trial_status"] == "stopped_by_scheduler"
+    assert runs[0.003].info.status == "KILLED" and runs[0.003].data.tags["raylsm.trial_status"] == "interrupted"
     deadline = time.time() + 30
     while _alive(tree) and time.time() < deadline:
         time.sleep(0.3)
@@ -175,14 +143,48 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(data: Path
     proc = _cli(*args, "--resume", tmp=tmp_path)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
+    assert SECRET not in out and SECRET not in err
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["parent_run_id"] == parent_id and client.get_run(parent_id).info.status == "FINISHED"
+    assert result["tracking_uri"] == f"{uri}?token=***"
+    parent = client.get_run(parent_id)
+    assert result["parent_run_id"] == parent_id and parent.info.status == "FINISHED"
     children = _children(client, parent_id)
-    done = [c for c in children if c.info.status == "FINISHED"]
-    assert len({c.data.tags["raylsm.trial_id"] for c in done}) == 2
-    for trial_id in first:  # finished before the interruption: never trained again
-        assert sum(c.data.tags["raylsm.trial_id"] == trial_id for c in children) == 1
-    assert result["counts"]["trials"] == 2
+    assert all(c.info.status != "RUNNING" for c in children)
+    trained = {}
+    for c in children:
+        trained.setdefault(c.data.tags["raylsm.trial_id"], []).append(c)
+    assert len(trained) == 3 and result["counts"]["trials"] == 3
+    # Finished before the interruption, or stopped by the scheduler: never trained again.
+    for lr in (0.01, 1e-8):
+        assert len(trained[runs[lr].data.tags["raylsm.trial_id"]]) == 1
+    again = [c for c in trained[runs[0.003].data.tags["raylsm.trial_id"]] if c.info.status == "FINISHED"]
+    assert len(again) == 1 and again[0].data.tags["raylsm.trial_status"] == "completed"
+    stopped = [c for c in children if c.data.tags["raylsm.trial_status"] == "stopped_by_scheduler"]
+    assert [_lr(c) for c in stopped] == [1e-8] and all(c.info.status == "KILLED" for c in stopped)
+    assert result["counts"]["stopped"] == 1 and result["counts"]["finished"] == 2
+    # The best config in the JSON is the child with the lowest validation logloss over its epochs.
+    finished = [c for c in children if c.info.status == "FINISHED"]
+
+    def best_of(run):
+        return min(m.value for m in client.get_metric_history(run.info.run_id, "val_logloss"))
+    best_child = min(finished, key=best_of)
+    assert result["best"]["mlflow_run_id"] == best_child.info.run_id
+    assert result["best"]["config"] == json.loads(best_child.data.tags["raylsm.trial_config"])
+    assert result["best"]["config"]["train.lr"] in (0.01, 0.003)
+    assert result["best"]["best_val_logloss"] == pytest.approx(best_of(best_child))
+    # The child is a full training record: used params, headline metrics, dataset input, model.
+    assert best_child.data.params["train.lr"] == str(result["best"]["config"]["train.lr"])
+    assert "model.twin.k" not in best_child.data.params
+    assert best_child.data.params["mlflow.tracking_uri"] == result["tracking_uri"]
+    assert best_child.data.metrics["auc"] == pytest.approx(result["best"]["auc"])
+    assert best_child.inputs.dataset_inputs and best_child.inputs.dataset_inputs[0].dataset.digest
+    # The parent holds the space file, the trials table and the best config.
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"asha.yaml", "trials.csv", "best.json"} <= artifacts
+    assert parent.data.params["best.train.lr"] == str(result["best"]["config"]["train.lr"])
+    assert parent.data.params["search.scheduler"] == "asha"
+    assert list((tmp_path / "runs").rglob("job.json")) and (tmp_path / "mlartifacts").is_dir()
+    assert _files_holding(tmp_path, SECRET.encode()) == [], "secret written to disk"
 
 
 def test_a_trial_whose_run_already_finished_hands_back_its_recorded_epochs(tmp_path: Path):
