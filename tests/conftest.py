@@ -64,6 +64,12 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The address a ``raylsm`` subprocess joins the session's local Ray at (RAY_ADDRESS), as a submitted job would."""
+    return ray_local.get_runtime_context().gcs_address
+
+
 # A small world (8 interests, one category each, few items) that tiny models learn in seconds;
 # the default world of the generator needs far more rows.
 SMALL_WORLD = {"interests": 8, "cates_per_interest": 1, "tgt_items": 200, "src_items": 800}
@@ -104,7 +110,7 @@ def interrupted_run(tmp_path_factory):
 
 # Fixtures that start (or are) a Ray cluster: a test that asks for one is a `ray` test even without the mark,
 # so `make test-fast` (-m "not ray") never starts Ray.
-RAY_FIXTURES = {"ray_local", "interrupted_run", "cluster"}
+RAY_FIXTURES = {"ray_local", "ray_address", "interrupted_run", "cluster"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -217,7 +217,8 @@ def _node_loss_child(data: Path, tmp: Path) -> dict:
     watcher = threading.Thread(target=remove_training_node, daemon=True)
     watcher.start()
     try:
-        job = _job(data, tmp, "train.epochs=3", "name=node-loss", "train.cpus_per_worker=2", "train.max_failures=2")
+        job = _job(data, tmp, "train.epochs=3", "name=node-loss", "train.cpus_per_worker=2", "train.max_failures=2",
+                   "train.early_stop_patience=0")  # every epoch runs: the replaced worker must reach the last
         result = run_training(job)
         watcher.join(timeout=5)
         survivor = [n.node_id for n in nodes if n.node_id not in removed]
@@ -248,17 +249,20 @@ def test_node_lost_mid_training_run_resumes_on_remaining_node(fault_data, tmp_pa
     # is logged once, and all three epochs finished. The epoch the node was lost in may have been re-run.
     steps = sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "train_loss"))
     assert steps.count(0) == 1 and sorted(set(steps)) == [0, 1, 2] and len(steps) <= 4, steps
+    # The replaced worker carried the run to its last epoch and the kept checkpoint learned.
+    assert result["epochs_run"] == 3 and result["epoch"] in (0, 1, 2) and result["auc"] > 0.5, result
 
 
 # ----------------------------------------------------------------------------- shard deleted
 
 
 @pytest.mark.ray
-def test_shard_deleted_mid_run_is_one_clear_line_naming_the_file(fault_data, tmp_path):
+def test_shard_deleted_mid_run_is_one_clear_line_naming_the_file(fault_data, tmp_path, ray_address):
     data = tmp_path / "data"
     shutil.copytree(fault_data, data)  # this test's own copy: deleting a shard harms no other test
     shard = sorted((data / "train").rglob("*.parquet"))[-1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["RAY_ADDRESS"] = ray_address  # a job on the session's running cluster (no cluster start-up of its own)
     cmd = [PYTHON, "-m", "raylsm", "train", "--model", "lcn", "--data", str(data), "--epochs", "5", "--workers", "1",
            "--storage", str(tmp_path / "runs"), "--name", "deleted", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     for kv in TINY:
