@@ -335,7 +335,10 @@ def _synth_process(out: Path) -> subprocess.Popen:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     argv = [sys.executable, "-m", "raylsm", "data", "synth", "--out", str(out), "--overwrite", "--quiet",
             "--rows", "400000", "--users", "500", "--ll-len", "300", "--st-len", "20", "--shards", "8"]
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child, as in a terminal: a background job of a non-interactive shell (a CI
+    # runner's) is started with SIGINT ignored, and the child would inherit the ignore.
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_shard(proc: subprocess.Popen, out: Path, timeout: float = 60.0) -> Path:

@@ -104,6 +104,14 @@ def test_stream_summary_of_a_curve_that_grows_and_one_that_does_not():
     assert out["private_slope_mb_per_million_rows"] == pytest.approx(10_000) and out["private_ratio"] == round(410 / 402, 3)
     flat = summarise([[s, s, 100 * s, 500.0, 400.0] for s in range(11)], steps=10, warmup=0.2)
     assert flat["slope_mb_per_million_rows"] == 0 and flat["ratio"] == 1.0 and flat["rows_read"] == 1000
+    # Thirds of the 9 samples after the warm-up (steps 2-4, 5-7, 8-10): their means, and last ÷ first.
+    assert out["rss_thirds_mb"] == [503.0, 506.0, 509.0] and out["private_thirds_mb"] == [403.0, 406.0, 409.0]
+    assert out["thirds_ratio"] == round(509 / 503, 3) and flat["thirds_ratio"] == 1.0
+    # A curve that swings between two levels with no trend: the end ÷ start quotient reads the swing
+    # (first sample low, last high), the thirds do not.
+    swing = summarise([[s, s, 100 * s, 1100.0 if s % 2 == 0 else 900.0, 700.0] for s in range(1, 13)], steps=12, warmup=0.0)
+    assert swing["ratio"] == round(1100 / 900, 3)
+    assert swing["rss_thirds_mb"] == [1000.0, 1000.0, 1000.0] and swing["thirds_ratio"] == 1.0
     assert flat["private_slope_mb_per_million_rows"] == 0 and flat["private_ratio"] == 1.0
 
 

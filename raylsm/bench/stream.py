@@ -9,7 +9,10 @@ samples its own process's resident memory (``rss_mb``; ``private_mb`` = RSS less
 the object store's blocks it maps) and the rows it has read; the samples are gathered to rank 0 and reported.
 
 ``ratio``: the largest, over the workers, of RSS at the end ÷ RSS once ``--warmup`` of the steps are done (the
-model, the optimizer's moments and the first blocks allocated); ``slope_mb_per_million_rows``: least-squares
+model, the optimizer's moments and the first blocks allocated); ``thirds_ratio``: the same with the mean RSS of
+the last and the first third of the samples after the warm-up (per worker ``rss_thirds_mb`` and
+``private_thirds_mb``: start, middle, end), steadier on a curve that swings with the batches in flight;
+``slope_mb_per_million_rows``: least-squares
 growth of RSS against rows read after the warm-up (flat = about 0); ``private_ratio`` and
 ``private_slope_mb_per_million_rows``: the same for the private part. RSS also counts the pages of the node's
 object store the worker has mapped while reading blocks zero-copy: that part rises towards the store's size
@@ -117,7 +120,14 @@ def summarise(samples: list[list[float]], steps: int, warmup: float) -> dict:
     def point(s: list[float]) -> dict:
         return {"seconds": s[0], "steps": int(s[1]), "rows": int(s[2]), "rss_mb": s[3], "private_mb": s[4]}
 
+    # The mean of each third of the samples after the warm-up: on a curve that swings with the batches in
+    # flight, a trend shows here, where two single samples may fall at the swing's bottom and top.
+    thirds = [after[i * len(after) // 3:(i + 1) * len(after) // 3] or after for i in range(3)]
+    rss_thirds = [round(sum(s[3] for s in t) / len(t), 1) for t in thirds]
+    private_thirds = [round(sum(s[4] for s in t) / len(t), 1) for t in thirds]
     return {"start": point(start), "middle": point(middle), "end": point(end), "rows_read": int(end[2]),
+            "rss_thirds_mb": rss_thirds, "private_thirds_mb": private_thirds,
+            "thirds_ratio": round(rss_thirds[2] / rss_thirds[0], 3),
             "peak_rss_mb": max(s[3] for s in samples), "ratio": round(end[3] / start[3], 3),
             "slope_mb_per_million_rows": round(slope, 2), "private_ratio": round(end[4] / start[4], 3),
             "private_slope_mb_per_million_rows": round(private_slope, 2),
@@ -205,6 +215,9 @@ def run_stream(args: argparse.Namespace) -> dict:
         "ll_len": ll_len, "batch": args.batch, "workers": args.workers, "steps": args.steps,
         "ratio": max(w["ratio"] for w in workers),
         "ratio_is": "largest over the workers of RSS at the end / RSS after the warm-up steps",
+        "thirds_ratio": max(w["thirds_ratio"] for w in workers),
+        "thirds_ratio_is": "largest over the workers of mean RSS in the last third of the samples after the "
+                           "warm-up / in the first third",
         "slope_mb_per_million_rows": max(w["slope_mb_per_million_rows"] for w in workers),
         "private_ratio": max(w["private_ratio"] for w in workers),
         "private_slope_mb_per_million_rows": max(w["private_slope_mb_per_million_rows"] for w in workers),
