@@ -129,7 +129,7 @@ def _time_to_mark(cmd: list[str], mark: Path, timeout: float, env: dict, grace: 
                 tail = err.read().strip().splitlines()[-3:]
                 raise RuntimeError(f"`{' '.join(cmd[:4])} ...` {what}: {' | '.join(tail)}")
         finally:
-            _interrupt_and_reap(proc, grace)
+            interrupt_and_reap(proc, grace)
     return stamp - start
 
 
@@ -141,7 +141,7 @@ def _mark_time(mark: Path) -> float | None:
         return None
 
 
-def _interrupt_and_reap(proc: subprocess.Popen, grace: float = 60.0) -> None:
+def interrupt_and_reap(proc: subprocess.Popen, grace: float = 60.0) -> None:
     """SIGINT ``proc`` (if still running), then wait for it and every process it started; kill what outlives ``grace``."""
     import psutil
 

@@ -113,7 +113,7 @@ def _relay(stream, name: str, tail: collections.deque) -> None:
 def run_part(part: Part, timeout: float, env: dict[str, str] | None = None) -> dict:
     """Run one part as a child process within ``timeout`` seconds (in ``env``, default this process's
     environment); its record (status, seconds, its JSON, ...)."""
-    from raylsm.bench.startup import _interrupt_and_reap
+    from raylsm.bench.startup import interrupt_and_reap
 
     cmd = [sys.executable, "-m", "raylsm", "bench", part.bench, *part.argv, "--no-mlflow"]
     log(f"suite: {part.name} (timeout {timeout:.0f} s): raylsm bench {shlex.join(cmd[4:])}")
@@ -127,7 +127,7 @@ def run_part(part: Part, timeout: float, env: dict[str, str] | None = None) -> d
             status = "ok" if proc.wait(timeout=timeout) == 0 else "failed"
         except subprocess.TimeoutExpired:
             status = "timeout"
-            _interrupt_and_reap(proc, REAP_GRACE_S)  # SIGINT, as Ctrl-C: a Ray the part started stops with it
+            interrupt_and_reap(proc, REAP_GRACE_S)  # SIGINT, as Ctrl-C: a Ray the part started stops with it
         seconds = time.monotonic() - start
         reader.join(timeout=5)
         out.seek(0)

@@ -99,7 +99,7 @@ def narrow_id_dtypes(vocab: Mapping) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (B+1,) and flat values of a list<int64> column, as numpy, zero-copy where possible."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
@@ -159,7 +159,7 @@ def _group_arrays(table: pa.Table, cols: tuple[str, ...], length: int, spec: Col
     out: dict[str, np.ndarray] = {}
     shared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (offsets, idx, mask)
     for c in cols:
-        offsets, values = _list_parts(table.column(c))
+        offsets, values = list_parts(table.column(c))
         if shared is None or not np.array_equal(offsets, shared[0]):
             shared = (offsets, *tail_index(offsets, length, order))
         out[c] = gather_padded(values, shared[1], spec.dtype(c), c)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from raylsm.data.collate import _list_parts, tail_pad
+from raylsm.data.collate import list_parts, tail_pad
 from raylsm.data.contract import read_manifest
 
 COLUMNS = ("item_cate", "label", "st_tgt_cates", "ll_cates", "ll_ctx")
@@ -32,7 +32,7 @@ ROWS = ("st", "st+ll", "st+ll+own", "st+ll+own+nb")
 
 def _padded(table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """A list column as a left-padded (N, max_len) array and its validity mask (the collate's own padding)."""
-    offsets, values = _list_parts(table[column])
+    offsets, values = list_parts(table[column])
     return tail_pad(offsets, values, max(int(np.diff(offsets).max(initial=0)), 1))
 
 

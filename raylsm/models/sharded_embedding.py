@@ -139,10 +139,10 @@ class RowShardedEmbedding(nn.Module):
 
 
 def _local_lookup(weight: Tensor, ids: Tensor) -> Tensor:
-    from raylsm.models.sparse_embedding import _SparseRowsEmbedding
+    from raylsm.models.sparse_embedding import SparseRowsEmbedding
 
     if weight.requires_grad and torch.is_grad_enabled():
-        return _SparseRowsEmbedding.apply(weight, ids)
+        return SparseRowsEmbedding.apply(weight, ids)
     return weight.index_select(0, ids)
 
 

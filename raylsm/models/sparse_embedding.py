@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 
-class _SparseRowsEmbedding(torch.autograd.Function):
+class SparseRowsEmbedding(torch.autograd.Function):
     """``weight.index_select(0, ids)`` whose gradient is ``sparse_coo(ids, grad rows)`` (padding rows zero)."""
 
     @staticmethod
@@ -37,7 +37,7 @@ def sparse_embed(table: nn.Embedding, ids: Tensor) -> Tensor:
     if getattr(table, "sharded", False):
         return table(ids)
     if table.padding_idx == 0 and table.weight.requires_grad and torch.is_grad_enabled():
-        return _SparseRowsEmbedding.apply(table.weight, ids)
+        return SparseRowsEmbedding.apply(table.weight, ids)
     return table(ids)
 
 
