@@ -75,13 +75,14 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     assert abs(results[1]["auc"] - results[2]["auc"]) < 0.1
 
     # --resume-from: a new run continues from a given checkpoint (its weights, optimizer and epoch) and trains
-    # only the epochs after it: here the two sparse workers' checkpoint, by two sparse workers (the row-wise
-    # optimizer's state goes through the checkpoint). (Resuming a run of the same name from its own
-    # checkpoints, as Ray hands them back: the SIGKILL-then-restart sequence of tests/test_signals.py.)
+    # only the epochs after it: here the two sparse workers' checkpoint, by one sparse worker (the row-wise
+    # optimizer's state goes through the checkpoint, onto another worker count). (Resuming a run of the same
+    # name from its own checkpoints, as Ray hands them back: the SIGKILL-then-restart sequence of
+    # tests/test_signals.py.)
     state, _ = load_checkpoint(results[2]["checkpoint"])
     assert state["epoch"] == results[2]["epoch"]
     assert len(state["optimizer"]["param_groups"]) == 2  # the row-wise part (tables) and Adam (dense parameters)
-    resumed = run_training(_job(tiny_data, tmp_path, f"train.epochs={state['epoch'] + 2}", "train.workers=2",
+    resumed = run_training(_job(tiny_data, tmp_path, f"train.epochs={state['epoch'] + 2}", "train.workers=1",
                                 "train.embedding_update=sparse", "train.early_stop_patience=0",
                                 "name=from-ckpt", f"resume_from={results[2]['checkpoint']}"))
     from mlflow.tracking import MlflowClient
@@ -91,7 +92,7 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     state2, _ = load_checkpoint(resumed["checkpoint"])
     item = "features.tables.item.weight"
     assert state2["epoch"] == state["epoch"] + 1 and len(state2["optimizer"]["param_groups"]) == 2
-    assert state2["model"][item].shape == state["model"][item].shape  # whole on every worker (not sharded)
+    assert state2["model"][item].shape == state["model"][item].shape  # the whole table (not sharded)
     assert not torch.equal(state2["model"][item], state["model"][item])  # the resumed run trained the table
 
     # `raylsm eval` on the best checkpoint reproduces the run's figures.
