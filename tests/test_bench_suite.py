@@ -54,7 +54,13 @@ def test_quick_suite_runs_every_part_and_its_reports_agree_with_its_last_line(qu
     assert {k: report[k] for k in line} == line  # the report holds the line's content, and more
     assert set(report) - set(line) == {"command", "started_utc", "machine", "details"}
     assert report["machine"]["cpus"] == os.cpu_count() and report["command"].startswith("raylsm bench suite --device cpu")
-    assert sum(p["seconds"] for p in line["parts"].values()) <= line["seconds"] <= line["budget_s"]
+    # Two lanes side by side (--quick), each one part after the other: the Ray parts, and the local ones.
+    lanes = {name: d["lane"] for name, d in report["details"].items()}
+    assert {n for n, lane in lanes.items() if lane == "ray"} == set(suite.RAY_PARTS) == {"ingest", "train", "startup"}
+    assert set(lanes.values()) == {"local", "ray"}
+    for lane in ("local", "ray"):
+        assert sum(p["seconds"] for n, p in line["parts"].items() if lanes[n] == lane) <= line["seconds"]
+    assert line["seconds"] <= line["budget_s"]
     for name, d in report["details"].items():
         assert d["result"]["bench"] == d["bench"] and line["parts"][name]["ratio"] == d["result"]["ratio"]
         assert d["seconds"] <= d["timeout_s"] <= line["budget_s"]

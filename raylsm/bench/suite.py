@@ -10,6 +10,9 @@ and its last stderr lines, and the suite goes on; a part not started because the
 ``skipped``. Under budget pressure the step table shrinks first: a larger batch size is skipped when the
 previous one took longer than the share the larger one would get.
 
+``--quick`` (tiny sizes: a check that every part runs and reports, not figures) runs the Ray parts (ingest, train,
+startup) on one local cluster, beside the local parts, in two lanes: about 2 minutes on a 2-core CPU.
+
 Exit code 0 whenever the reports are written, whatever the parts' statuses (they are in the JSON).
 """
 
@@ -147,53 +150,85 @@ def run_part(part: Part, timeout: float, env: dict[str, str] | None = None) -> d
 
 
 def run_parts(todo: list[Part], budget: float, shared_cluster: bool = False) -> dict[str, dict]:
-    """Every part in order within ``budget`` seconds: a weighted share of what is left each; records by name.
+    """Every part within ``budget`` seconds: a weighted share of what is left each; records by name, in plan order.
 
-    ``shared_cluster`` (``--quick``): the Ray parts (:data:`RAY_PARTS`) join one local cluster, started
-    as the part before the first of them starts (its start-up overlaps that part) and stopped after the
-    last, instead of each starting its own.
+    ``shared_cluster`` (``--quick``): two lanes run side by side, each in plan order: the Ray parts
+    (:data:`RAY_PARTS`) in one, on one local cluster started with the suite (instead of each starting its
+    own), and the local parts in the other. A check that every part runs, not figures: the lanes share the
+    machine. Each record says its ``lane``.
     """
     from raylsm.bench.startup import starting_local_cluster
 
     started = time.monotonic()
-    cluster_env: dict[str, str] | None = None
+    if not shared_cluster:
+        return _run_lane(todo, budget, started)
+    records: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:  # holds the shared cluster until both lanes end
+        wants = budget >= MIN_PART_S and any(p.bench in RAY_PARTS for p in todo)
+        cluster = _SharedCluster(stack.enter_context(starting_local_cluster())) if wants else None
+        lanes = {"local": [p for p in todo if p.bench not in RAY_PARTS], "ray": [p for p in todo if p.bench in RAY_PARTS]}
+        threads = [threading.Thread(target=lambda n=name, parts=parts: records.update(
+                       _run_lane(parts, budget, started, n, cluster)), name=f"suite-{name}")
+                   for name, parts in lanes.items() if parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return {p.name: records[p.name] for p in todo}
+
+
+class _SharedCluster:
+    """The suite's one local cluster, as both lanes see it: the environment that joins it, once it is up."""
+
+    def __init__(self, address) -> None:
+        self._address, self._lock, self._env = address, threading.Lock(), None
+
+    def env(self, timeout: float) -> dict[str, str]:
+        with self._lock:  # the first lane to need it waits for it; a failure is raised to every caller
+            if self._env is None:
+                start = time.monotonic()
+                at = self._address(timeout)
+                log(f"suite: the Ray parts join one local cluster ({at}, up after {time.monotonic() - start:.1f} s more)")
+                self._env = {**os.environ, "RAY_ADDRESS": at}
+            return self._env
+
+
+def _run_lane(todo: list[Part], budget: float, started: float, lane: str | None = None,
+              cluster: _SharedCluster | None = None) -> dict[str, dict]:
+    """``todo`` one after the other within what is left of ``budget`` (counted from ``started``); the Ray parts
+    on ``cluster`` when there is one."""
     records: dict[str, dict] = {}
     last_step: tuple[str, float] | None = None
-    with contextlib.ExitStack() as stack:  # holds the shared cluster for the whole loop
-        cluster = None
-        for i, part in enumerate(todo):
-            left = budget - (time.monotonic() - started)
-            share = left * part.weight / sum(p.weight for p in todo[i:])
-            reason = None
-            if left < MIN_START_S:
-                reason = "budget spent"
-            elif part.bench == "step" and last_step and last_step[1] > share:
-                reason = f"shrunk: {last_step[0]} took {last_step[1]:.0f} s, more than this batch size's share ({share:.0f} s)"
-            if reason:
-                log(f"suite: {part.name} skipped ({reason})")
-                records[part.name] = {"bench": part.bench, "argv": part.argv, "status": "skipped", "seconds": 0.0,
-                                      "reason": reason}
-                continue
+    for i, part in enumerate(todo):
+        left = budget - (time.monotonic() - started)
+        share = left * part.weight / sum(p.weight for p in todo[i:])
+        reason = None
+        if left < MIN_START_S or (cluster is None and part.bench in RAY_PARTS and lane is not None):
+            reason = "budget spent"  # (--quick starts its cluster only with MIN_PART_S of budget or more)
+        elif part.bench == "step" and last_step and last_step[1] > share:
+            reason = f"shrunk: {last_step[0]} took {last_step[1]:.0f} s, more than this batch size's share ({share:.0f} s)"
+        if reason:
+            log(f"suite: {part.name} skipped ({reason})")
+            records[part.name] = {"bench": part.bench, "argv": part.argv, "status": "skipped", "seconds": 0.0,
+                                  "reason": reason}
+        else:
             env = None
-            if shared_cluster and cluster is None and any(p.bench in RAY_PARTS for p in todo[i:i + 2]):
-                cluster = stack.enter_context(starting_local_cluster())
             if cluster is not None and part.bench in RAY_PARTS:
-                cluster_env = cluster_env or _shared_cluster(cluster, left)
-                env = cluster_env
-            records[part.name] = run_part(part, min(left, max(share, MIN_PART_S)), env)
-            if env is not None:
-                records[part.name]["ray_address"] = env["RAY_ADDRESS"]  # the shared cluster it joined (loopback)
+                try:
+                    env = cluster.env(left)
+                except RuntimeError as e:
+                    log(f"suite: {part.name} failed ({e})")
+                    records[part.name] = {"bench": part.bench, "argv": part.argv, "status": "failed", "seconds": 0.0,
+                                          "stderr_tail": [str(e)]}
+            if part.name not in records:
+                records[part.name] = run_part(part, min(left, max(share, MIN_PART_S)), env)
+                if env is not None:
+                    records[part.name]["ray_address"] = env["RAY_ADDRESS"]  # the shared cluster (loopback)
             if part.bench == "step":
                 last_step = (part.name, records[part.name]["seconds"])
+        if lane is not None:
+            records[part.name]["lane"] = lane
     return records
-
-
-def _shared_cluster(address, timeout: float) -> dict[str, str]:
-    """The environment that joins the suite's local cluster (``address``: waits for it to be up)."""
-    start = time.monotonic()
-    at = address(timeout)
-    log(f"suite: the Ray parts join one local cluster ({at}, waited {time.monotonic() - start:.1f} s for it)")
-    return {**os.environ, "RAY_ADDRESS": at}
 
 
 # ----------------------------------------------------------------------------- reports
@@ -265,7 +300,9 @@ def markdown(report: dict) -> str:
     """The report a reader wants: the run, the machine, a summary, and one table per part."""
     lines = ["# raylsm bench suite", "", f"`{report['command']}`", "",
              f"Device {report['device']}{' (quick sizes)' if report['quick'] else ''}; budget {report['budget_s']:.0f} s, "
-             f"used {report['seconds']:.1f} s; {report['started_utc']}.", "", "## Machine", "",
+             f"used {report['seconds']:.1f} s; {report['started_utc']}."
+             + (" The local and the Ray parts ran side by side (two lanes): a check, not figures." if report["quick"] else ""),
+             "", "## Machine", "",
              *md_table(["what", "value"], [[k, v] for k, v in report["machine"].items()]), "## Parts", "",
              *md_table(["part", "status", "seconds", "timeout s", "ratio", "ratio is"],
                        [[name, p["status"], p["seconds"], d.get("timeout_s"), _ratio_text(p["ratio"]),
