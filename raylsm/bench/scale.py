@@ -1,7 +1,7 @@
 """``raylsm bench scale``: step time and per-worker memory against the item vocabulary and the embedding mode.
 
-For every (embedding mode, worker count, item vocabulary) ``W`` fresh processes (``torch.distributed``
-on gloo over loopback when ``W`` > 1, DDP as :func:`ray.train.torch.prepare_model` sets it up) each
+For every (embedding mode, worker count, item vocabulary) ``W`` fresh processes (forks of the bench's fork
+server; ``torch.distributed`` on gloo over loopback when ``W`` > 1, DDP as :func:`ray.train.torch.prepare_model` sets it up) each
 build the model (``--model``, default ``lap``; ``--emb``, default 64), its optimizer for the mode
 (:func:`raylsm.train.optim.build_optimizer`) and a random batch of ``--batch`` rows (ids uniform over the
 vocabulary: nearly every id distinct at 4 M, the costliest case for row-wise updates), then time
@@ -132,7 +132,8 @@ def scale_worker(rank: int, world: int, port: int, spec: dict, results) -> None:
 
 
 def run_point(spec: dict, world: int, timeout: float) -> dict:
-    """``world`` spawned workers for one point; the row: step time of the slowest, memory of the largest worker."""
+    """``world`` fresh workers (forks of the fork server) for one point; the row: step time of the slowest,
+    memory of the largest worker."""
     ctx = child_context()  # forks of a server with torch and the models imported: no interpreter start per point
     results = ctx.Queue()
     port = _free_port()
