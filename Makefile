@@ -11,9 +11,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first (pinned; pip takes it from the machine's own copy); a GPU machine installs its
 	# CUDA build of a torch in the project's range instead. uv installs the rest (same versions as pip, ~10x faster);
-	# it keeps the torch already there, which satisfies the project's range.
+	# it keeps the torch already there, which satisfies the project's range. Where uv cannot reach the index
+	# (it reads none of pip's settings), pip installs the rest instead.
 	$(PY) -m pip install -q torch==2.13.0 uv
-	$(PY) -m uv pip install -q --python $(PY) -e '.[dev]'
+	$(PY) -m uv pip install -q --python $(PY) -e '.[dev]' || $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
