@@ -192,6 +192,53 @@ def test_budget_shares_shrink_the_step_table_and_never_pass_the_budget(monkeypat
     assert [records[n]["reason"] for n in QUICK_PARTS[3:]] == ["budget spent"] * 5 and clock.now == pytest.approx(100.0)
 
 
+def test_quick_lanes_join_one_cluster_and_a_cluster_that_never_starts_fails_only_the_ray_parts(monkeypatch):
+    """--quick with the cluster and the parts faked: the local parts run in one lane and the Ray parts in the
+    other, each Ray part with the cluster's address; and when the cluster never comes up, the Ray parts are
+    recorded failed with the reason (the report still renders) while the local lane runs on."""
+    import argparse
+    import contextlib
+
+    ran: dict[str, dict | None] = {}
+
+    def fake_run(part, timeout, env=None):
+        ran[part.name] = env
+        return {"bench": part.bench, "argv": part.argv, "status": "ok", "seconds": 0.1, "result": {"ratio": 1.0}}
+
+    def cluster(up: bool):
+        @contextlib.contextmanager
+        def starting():
+            def address(timeout):
+                if not up:
+                    raise RuntimeError("the local cluster for `--cluster running` did not start within 5 s")
+                return "127.0.0.1:6000"
+            yield address
+        return starting
+
+    monkeypatch.setattr(suite, "run_part", fake_run)
+    todo = suite.plan(argparse.Namespace(quick=True, device="cpu", parts=list(suite.PARTS)))
+    import raylsm.bench.startup as startup
+
+    monkeypatch.setattr(startup, "starting_local_cluster", cluster(True))
+    records = suite.run_parts(todo, budget=100.0, shared_cluster=True)
+    assert list(records) == QUICK_PARTS and all(r["status"] == "ok" for r in records.values())
+    assert {n: r["lane"] for n, r in records.items()} == {n: "ray" if n in suite.RAY_PARTS else "local" for n in QUICK_PARTS}
+    assert {n: (e or {}).get("RAY_ADDRESS") for n, e in ran.items()} == {
+        n: "127.0.0.1:6000" if n in suite.RAY_PARTS else None for n in QUICK_PARTS}
+    assert all(records[n]["ray_address"] == "127.0.0.1:6000" for n in suite.RAY_PARTS)
+
+    ran.clear()
+    monkeypatch.setattr(startup, "starting_local_cluster", cluster(False))
+    records = suite.run_parts(todo, budget=100.0, shared_cluster=True)
+    assert set(ran) == {n for n in QUICK_PARTS if n not in suite.RAY_PARTS}  # the local lane ran on
+    for n in suite.RAY_PARTS:
+        assert records[n]["status"] == "failed" and "did not start" in records[n]["stderr_tail"][0]
+    report = {"command": "raylsm bench suite --quick", "device": "cpu", "quick": True, "budget_s": 100.0, "seconds": 1.0,
+              "started_utc": "now", "machine": {"cpus": 2}, "details": {n: records[n] for n in suite.RAY_PARTS},
+              "parts": {n: {"status": records[n]["status"], "seconds": 0.0, "ratio": None} for n in suite.RAY_PARTS}}
+    assert "did not start" in "\n".join(_section(suite.markdown(report), "ingest"))
+
+
 def test_ingest_cpus_go_up_to_all_of_the_node():
     assert [suite.cpu_steps(n) for n in (1, 2, 6, 16)] == ["1", "1,2", "1,2,4,6", "1,2,4,8,16"]
 

@@ -219,7 +219,7 @@ def _run_lane(todo: list[Part], budget: float, started: float, lane: str | None 
                 except RuntimeError as e:
                     log(f"suite: {part.name} failed ({e})")
                     records[part.name] = {"bench": part.bench, "argv": part.argv, "status": "failed", "seconds": 0.0,
-                                          "stderr_tail": [str(e)]}
+                                          "returncode": None, "stderr_tail": [str(e)]}
             if part.name not in records:
                 records[part.name] = run_part(part, min(left, max(share, MIN_PART_S)), env)
                 if env is not None:
