@@ -82,8 +82,9 @@ def _trial_runs(client: MlflowClient) -> list:
     return client.search_runs([exp.experiment_id], filter_string="tags.raylsm.trial_id != ''") if exp else []
 
 
-def _lr(run) -> float:
-    return json.loads(run.data.tags["raylsm.trial_config"])["train.lr"]
+def _lr(run) -> float | None:
+    config = run.data.tags.get("raylsm.trial_config")
+    return json.loads(config)["train.lr"] if config else None
 
 
 def test_asha_search_interrupted_and_resumed(data: Path, tmp_path: Path):
