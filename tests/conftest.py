@@ -84,6 +84,25 @@ def small_world_dataset(out, rows: int, seed: int = 1, ll_len: int = 40, st_len:
     return out
 
 
+# Ray's own warnings that it documents as safe to ignore when the CPU is overloaded; they log with a traceback
+# (``logger.warning(..., exc_info=True)`` in Ray Train's autoscaling client) from inside Ray's actors.
+RAY_BENIGN_WARNINGS = ("it's safe to ignore this error",)
+
+
+def tracebacks_outside_ray_benign(stderr: str) -> list[str]:
+    """Each traceback in ``stderr`` (the line that starts it, with the one before) except those that follow one of
+    Ray's own overload warnings, which Ray itself documents as safe to ignore."""
+    lines = stderr.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last)" not in line:
+            continue
+        before = "\n".join(lines[max(0, i - 3):i])
+        if not any(w in before for w in RAY_BENIGN_WARNINGS):
+            found.append("\n".join(lines[max(0, i - 1):i + 1]))
+    return found
+
+
 class OffMetaSpy(TorchDispatchMode):
     """Records every aten op whose output is a tensor off the meta device (e.g. a CPU ``arange``)."""
 

@@ -297,6 +297,51 @@ def test_redact_uri_strips_userinfo_every_query_value_and_the_fragment():
         del os.environ["RAYLSM_TRACKING_URI"]
 
 
+_LOG_GUARD_CHILD = """
+import io, logging, sys
+from raylsm.train.uri import real_uri, redact_uri
+full = "http://alice:S3CRET@127.0.0.1:5000/?token=T0KEN"
+out = io.StringIO()
+log = logging.getLogger("mlflow.utils.rest_utils")  # where MLflow reports a failed request
+log.addHandler(logging.StreamHandler(out))
+log.propagate = False
+
+
+def report():
+    try:
+        raise ConnectionError(f"API request to {full}/api/2.0/mlflow/runs/get failed")
+    except ConnectionError:
+        log.warning("retrying %s (token T0KEN)", full, exc_info=True)
+
+
+report()
+if sys.argv[1] == "on":
+    real_uri(full)  # resolving the credentialed URI guards this process's logs
+    logging.getLogger("raylsm.later").addHandler(logging.StreamHandler(out))  # a handler made afterwards
+    logging.getLogger("raylsm.later").error("store %s refused", "https://bob:PW99@h/x")
+    report()
+print(out.getvalue())
+"""
+
+
+@pytest.mark.parametrize("guard", ["off", "on"])
+def test_mlflow_log_records_never_show_the_credentials_of_a_resolved_tracking_uri(guard):
+    """Once a process resolves a credentialed tracking URI, a log record quoting it (message and traceback) shows
+    ``***`` in its place; before, the same record shows it (the mechanism switched off)."""
+    out = subprocess.run([sys.executable, "-c", _LOG_GUARD_CHILD, guard], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[1], env=_clean_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("retrying http") == (2 if guard == "on" else 1)
+    if guard == "off":
+        assert "alice:S3CRET@" in out.stdout and out.stdout.count("T0KEN") >= 2
+        return
+    before, later = out.stdout.split("store ", 1)
+    assert "alice:S3CRET@" in before  # the record made before the guard is left as it was made
+    assert "S3CRET" not in later and "T0KEN" not in later and "PW99" not in later, later
+    assert later.startswith("https://***@h/x refused") and "http://***@127.0.0.1:5000/?token=***" in later
+    assert "ConnectionError: API request to http://***@127.0.0.1:5000/?token=***/api" in later  # the traceback
+
+
 def _files_holding(root: Path, needle: bytes) -> list[str]:
     hits = []
     for path in root.rglob("*"):

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import traceback
 
 
 # The full tracking URI when it carries credentials: processes get it from their environment (the Ray
@@ -22,11 +25,18 @@ def secret_env(uri: str) -> dict[str, str]:
 
 
 def real_uri(uri: str) -> str:
-    """The URI to connect with: ``uri`` itself, or the credentialed one in the environment whose redaction it is."""
-    if not uri or has_secret(uri):
+    """The URI to connect with: ``uri`` itself, or the credentialed one in the environment whose redaction it is.
+    A credentialed URI returned here is also masked in every log record this process makes from now on."""
+    if not uri:
+        return uri
+    if has_secret(uri):
+        guard_logs(uri)
         return uri
     full = os.environ.get(SECRET_URI_ENV, "")
-    return full if full and redact_uri(full) == uri else uri
+    if full and redact_uri(full) == uri:
+        guard_logs(full)
+        return full
+    return uri
 
 
 def scrub(text: str, uri: str) -> str:
@@ -74,3 +84,46 @@ def redact_uri(uri: str) -> str:
     if netloc != parts.netloc:
         base = base.replace(parts.netloc, netloc, 1)  # the first occurrence is the one after "scheme://"
     return base + (f"?{query}" if query else "")
+
+
+# Any URL's userinfo ("scheme://user:pw@"), whatever store it names.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@'\"]+@")
+_GUARDED: set[str] = set()
+
+
+def mask(text: str) -> str:
+    """``text`` with every URL's userinfo and every secret part of each guarded URI replaced by ``***``."""
+    text = _USERINFO.sub(r"\1***@", text)
+    for uri in _GUARDED:
+        text = scrub(text, uri)
+    return text
+
+
+def _masked_record_factory(make):
+    def factory(*args, **kwargs):
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is left to logging's own error path
+            return record
+        clean = mask(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            record.exc_text = mask(text)  # what Formatter prints in place of formatting exc_info itself
+        return record
+
+    factory.raylsm_masks = True
+    return factory
+
+
+def guard_logs(uri: str) -> None:
+    """Mask ``uri``'s secrets (and any URL's userinfo) in every log record this process makes from now on: MLflow's
+    own messages (a failed request, a retry, the system-metrics thread) quote the URL they called, credentials and all.
+    Installed once per process as a ``logging`` record factory, so it covers loggers and handlers made later too."""
+    if not has_secret(uri):
+        return
+    _GUARDED.add(uri)
+    if not getattr(logging.getLogRecordFactory(), "raylsm_masks", False):
+        logging.setLogRecordFactory(_masked_record_factory(logging.getLogRecordFactory()))
