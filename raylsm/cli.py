@@ -303,7 +303,10 @@ def entry_parser(prog: str, doc: str, add_args, fn) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
     from raylsm.data.contract import ContractError
+    from raylsm.train.cluster import prepare_ray_import
     from raylsm.train.tracking import TrackingError
+
+    prepare_ray_import()  # before any command imports Ray
 
     try:
         return args.fn(args)

@@ -23,8 +23,11 @@ QUICK_PARTS = ["step-b8", "step-b16", "latency", "memory", "scale", "ingest", "t
 
 
 def _suite(out, *argv: str) -> tuple[subprocess.CompletedProcess, dict]:
+    # The environment of a user's shell: not the loopback setting this test process made before importing Ray,
+    # so each part's own command must make it before it imports Ray (a joined 127.0.0.1 cluster, else unreachable).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     proc = subprocess.run([sys.executable, "-m", "raylsm", "bench", "suite", "--device", "cpu", "--quick", "--no-mlflow",
-                           "--out", str(out), *argv], capture_output=True, text=True, timeout=900)
+                           "--out", str(out), *argv], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -272,6 +272,22 @@ def test_joining_a_loopback_cluster_keeps_the_loopback_node_address(monkeypatch)
 SECRET = "S3CRET"
 
 
+@pytest.mark.parametrize("address, kept", [(None, True), ("127.0.0.1:6379", True), ("ray://localhost:10001", True),
+                                            ("10.1.2.3:6379", False)])
+def test_commands_keep_a_loopback_node_address_before_they_import_ray(monkeypatch, address, kept):
+    """The command line sets Ray's loopback setting before any command runs (a command may import ``ray.data``
+    before it joins), for a local or loopback cluster only; a remote cluster's node address is left to Ray."""
+    from raylsm.cli import main
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    if address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    assert main(["data", "check", "/nonexistent/raylsm-data"]) == 1  # any command; this one fails fast
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == ("0" if kept else None)
+
+
 def test_redact_uri_strips_userinfo_every_query_value_and_the_fragment():
     from raylsm.train.tracking import real_uri, redact_uri, scrub
 

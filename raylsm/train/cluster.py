@@ -41,11 +41,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    if not address or _is_loopback_address(address):
-        # A local cluster, or one on this host's loopback (`ray start --node-ip-address 127.0.0.1`, another
-        # raylsm): this driver's node address must stay 127.0.0.1, or it waits on a GCS address nothing serves.
-        # Set before Ray is imported here (Ray reads it at import), inherited by the Ray processes started below.
-        _keep_loopback_node_address()
+    prepare_ray_import()
     import ray
 
     if ray.is_initialized():
@@ -83,6 +79,19 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
         logging_level=logging.WARNING if quiet else logging.INFO,
         log_to_driver=not quiet,
     )
+
+
+def prepare_ray_import() -> None:
+    """Before this process first imports Ray: keep a loopback node address when the cluster is (or will be) on
+    this host's loopback. No Ray import; the command line calls it before any command runs, since a command may
+    import Ray (``ray.data``, ``ray.train``) before it reaches :func:`ensure_ray`.
+
+    A local cluster, or one on this host's loopback (`ray start --node-ip-address 127.0.0.1`, another raylsm):
+    this driver's node address must stay 127.0.0.1, or it waits on a GCS address nothing serves. Ray reads the
+    setting at import; the Ray processes a local cluster starts inherit it."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address or _is_loopback_address(address):
+        _keep_loopback_node_address()
 
 
 def _keep_loopback_node_address() -> None:
