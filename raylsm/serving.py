@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 import mlflow.models
+import pandas as pd
 
 
 class LifelongCTRModel(mlflow.pyfunc.PythonModel):
@@ -29,7 +30,7 @@ class LifelongCTRModel(mlflow.pyfunc.PythonModel):
         data = meta["job"]["data"]
         self.spec = collate_spec(data, meta["vocab"]["profile"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # the logged signature checks the columns
         from raylsm.train.step import score_frame
 
         return score_frame(self.model, self.spec, model_input)

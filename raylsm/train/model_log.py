@@ -37,7 +37,9 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_dir: str, job, manifest
     example = input_example(job, manifest)
     model, _ = model_from_checkpoint(checkpoint_dir)
     spec = collate_spec(job.data, manifest)
-    signature = infer_signature(example, score_frame(model.eval(), spec, example))
+    with warnings.catch_warnings():  # the ids are integers by the contract: MLflow's hint about missing values
+        warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
+        signature = infer_signature(example, score_frame(model.eval(), spec, example))
     package = Path(raylsm.__file__).resolve().parent
     client(tracking_uri)  # no URL printed for a credentialed store
     mlflow.set_tracking_uri(real_uri(tracking_uri))

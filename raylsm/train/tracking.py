@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,7 +123,9 @@ def _dataset_input(job, manifest):
 
     path = str(Path(job.data.path).expanduser().resolve()) if "://" not in job.data.path else job.data.path
     try:
-        source = resolve_dataset_source(path)
+        with warnings.catch_warnings():  # MLflow registers two local sources of one name and warns for any path
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            source = resolve_dataset_source(path)
     except Exception:  # no registered source for this scheme: record the path as an HTTP-like URI
         from mlflow.data.http_dataset_source import HTTPDatasetSource
 
