@@ -81,6 +81,31 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     assert "--ctx-noise" in capsys.readouterr().err
 
 
+def test_the_store_check_limits_only_its_own_request(monkeypatch, tmp_path):
+    """The store check's one try and its timeout apply to that request only (later requests keep MLflow's
+    retries), and a user's own setting wins."""
+    import os
+
+    from raylsm.train import tracking
+
+    seen = []
+
+    class Probe:
+        def search_experiments(self, max_results):
+            seen.append((os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")))
+
+    monkeypatch.setattr(tracking, "client", lambda uri: Probe())
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    tracking.check_store("http://127.0.0.1:9")
+    assert seen == [("0", str(tracking.CHECK_TIMEOUT_S))]
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    tracking.check_store("http://127.0.0.1:9")
+    assert seen[-1] == ("0", "7") and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
 def test_unreachable_tracking_store_fails_before_training(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(["data", "synth", "--out", str(out), "--rows", "200", "--users", "20", "--ll-len", "10", "--quiet"]) == 0

@@ -370,6 +370,13 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
+def ray_sessions() -> set[Path]:
+    """The session directories of the local Ray clusters started on this host so far (Ray's logs live there)."""
+    import tempfile
+
+    return set(Path(tempfile.gettempdir(), "ray").glob("session_2*"))
+
+
 def _free_port() -> int:
     import socket
 
@@ -420,7 +427,8 @@ def _clean_env() -> dict[str, str]:
 def test_credentialed_tracking_uri_is_never_written_or_printed(tmp_path_factory):
     """``raylsm train`` against a real MLflow server through ``http://alice:S3CRET@...`` (basic auth in the URI):
     the run is recorded (params, job YAML, model artifact, metrics from the worker), and ``S3CRET`` appears in
-    no file under the storage, the server's store and artifacts, the working directory, nor in stdout/stderr."""
+    no file under the storage, the server's store and artifacts, the working directory, the Ray cluster's session
+    logs, nor in stdout/stderr."""
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("secret")
@@ -433,10 +441,14 @@ def test_credentialed_tracking_uri_is_never_written_or_printed(tmp_path_factory)
                "--set", "train.max_steps_per_epoch=3"]
         for kv in TINY:
             cmd += ["--set", kv]
+        sessions = ray_sessions()
         proc = subprocess.run(cmd, cwd=tmp, env=_clean_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert SECRET not in proc.stdout and SECRET not in proc.stderr
+        # Nor in the logs of the run's Ray cluster (Ray's runtime env agent logs every env var it is given).
+        (session,) = ray_sessions() - sessions
+        assert _files_holding(session, SECRET.encode()) == [], "secret in Ray's session logs"
         assert result["tracking_uri"] == f"http://***@127.0.0.1:{port}"
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         run = client.get_run(result["mlflow_run_id"])

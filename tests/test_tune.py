@@ -97,13 +97,15 @@ def test_asha_search_interrupted_and_resumed(data: Path, tmp_path: Path):
     with every child closed and tagged, and the best config that of the child with the lowest logloss.
 
     The tracking URI carries a token (``sqlite:///...?token=S3CRET``, a query MLflow's SQL store accepts): the
-    search is recorded, and the token is in no file of the storage, the store or the artifacts, nor in the output."""
-    from tests.test_security import SECRET, _files_holding
+    search is recorded, and the token is in no file of the storage, the store, the artifacts or the Ray clusters'
+    session logs, nor in the output."""
+    from tests.test_security import SECRET, _files_holding, ray_sessions
 
     space = _space(tmp_path, "asha", "asha", {"train.lr": {"grid": [0.01, 1.0e-8, 0.003]}}, 2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri",
             f"{uri}?token={SECRET}", "--experiment", "raylsm", "--name", "small-search"]
+    sessions = ray_sessions()
     proc = _cli(*args, tmp=tmp_path)
     client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 600
@@ -186,6 +188,8 @@ def test_asha_search_interrupted_and_resumed(data: Path, tmp_path: Path):
     assert parent.data.params["search.scheduler"] == "asha"
     assert list((tmp_path / "runs").rglob("job.json")) and (tmp_path / "mlartifacts").is_dir()
     assert _files_holding(tmp_path, SECRET.encode()) == [], "secret written to disk"
+    searches = ray_sessions() - sessions  # the interrupted search's cluster and the resumed one's
+    assert len(searches) == 2 and all(_files_holding(d, SECRET.encode()) == [] for d in searches), "secret in Ray's logs"
 
 
 def test_a_trial_whose_run_already_finished_hands_back_its_recorded_epochs(tmp_path: Path):

@@ -27,9 +27,10 @@ class EpochLogger:
         self.finish_attempts, self.finish_wait_s = finish_attempts, finish_wait_s
         self.pending: list[tuple[int, dict, int]] = []  # (epoch, metrics, measured at ms)
         self.failing: str | None = None  # the first line of the current outage's error
-        # One quick try per epoch against an HTTP store: MLflow's default retries would hold up training for minutes.
+        # One try per epoch against an HTTP store, 30 s at most: MLflow's default retries would hold up training for
+        # minutes; what the store does not take is kept and logged at a later epoch or at the end.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
     def __call__(self, metrics: dict, epoch: int) -> None:
         self.pending.append((epoch, dict(metrics), int(time.time() * 1000)))

@@ -16,6 +16,7 @@ no Ray) used by tests and benchmarks.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 
@@ -42,6 +43,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    os.environ.update(config.get("secret_env") or {})  # the credentialed tracking URI, for real_uri (never on disk)
     job, vocab = config["job"], config["vocab"]  # the driver's typed job and vocab (a dict of either: built here)
     job = job if isinstance(job, JobConfig) else from_dict(JobConfig, job)
     vocab = vocab if isinstance(vocab, Vocab) else Vocab(**vocab)

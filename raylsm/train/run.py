@@ -202,7 +202,10 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
             "job": job,  # typed: built and checked once on the driver, pickled to the workers as it is
             "vocab": vocab,
             "mlflow_run_id": mlflow_run_id,
-            "tracking_uri": redact_uri(tracking_uri),  # workers get the credentials from their environment
+            "tracking_uri": redact_uri(tracking_uri),
+            # The credentialed URI travels in memory, as an argument of the workers' actors: a runtime env would do,
+            # but Ray's runtime env agent writes every env var it sets into its session log on disk.
+            "secret_env": secret_env(tracking_uri),
             "has_val": plan.val is not None,
             "first_batch_file": os.environ.get(FIRST_BATCH_FILE),  # `raylsm bench startup` only
         },
@@ -219,7 +222,6 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
             ),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": secret_env(tracking_uri)} if secret_env(tracking_uri) else None,
         ),
         datasets=datasets,
     )

@@ -13,10 +13,12 @@ the run FINISHED, FAILED or KILLED. A tuning trial's run is created with ``paren
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -43,16 +45,36 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@contextlib.contextmanager
+def request_limits(retries: int, timeout_s: int):
+    """MLflow's HTTP retries and timeout (seconds) for the requests made inside; a user's own settings win."""
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    set_here = {k: v for k, v in limits.items() if k not in os.environ}
+    os.environ.update(set_here)
+    try:
+        yield
+    finally:
+        for key in set_here:
+            os.environ.pop(key, None)
+
+
+# The store check: one try (a refused connection fails at once), but a store that answers slowly (a loaded
+# host, a fresh SQL store creating its tables) is given a minute; later requests keep MLflow's own retries.
+CHECK_TIMEOUT_S = 60
+
+
 def check_store(tracking_uri: str) -> None:
     """Fail with one clear line if the tracking store cannot be reached."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
-        client(tracking_uri).search_experiments(max_results=1)
+        with request_limits(0, CHECK_TIMEOUT_S):
+            client(tracking_uri).search_experiments(max_results=1)
     except Exception as e:  # any failure here means training must not start
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = scrub(first, real_uri(tracking_uri))
-        raise TrackingError(f"--tracking-uri {redact_uri(tracking_uri)}: MLflow tracking store unreachable ({first[:200]})") from None
+        cause = re.search(r"Connection refused|Read timed out[^)]*|Name or service not known|"
+                          r"Temporary failure in name resolution|timed out", first)  # urllib3's reason, at the end
+        why = f"{cause.group(0)}; {first[:160]}" if cause and cause.group(0) not in first[:160] else first[:200]
+        raise TrackingError(f"--tracking-uri {redact_uri(tracking_uri)}: MLflow tracking store unreachable ({why})") from None
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:

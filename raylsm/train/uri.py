@@ -40,7 +40,8 @@ def real_uri(uri: str) -> str:
 
 
 def scrub(text: str, uri: str) -> str:
-    """``text`` with every secret part of ``uri`` (password, user, query values, fragment) replaced by ``***``."""
+    """``text`` with every secret part of ``uri`` (password, user, query values, fragment) and every URL's userinfo
+    replaced by ``***``."""
     from urllib.parse import parse_qsl, unquote, urlsplit
 
     try:
@@ -51,7 +52,7 @@ def scrub(text: str, uri: str) -> str:
     for secret in sorted({s for s in secrets if s and len(s) > 2}, key=len, reverse=True):
         for form in {secret, unquote(secret)}:
             text = text.replace(form, "***")
-    return text
+    return _USERINFO.sub(r"\1***@", text)  # and any URL's userinfo, however short
 
 
 def redact_uri(uri: str) -> str:
