@@ -103,8 +103,9 @@ def test_asha_search_interrupted_and_resumed(data: Path, tmp_path: Path):
 
     space = _space(tmp_path, "asha", "asha", {"train.lr": {"grid": [0.01, 1.0e-8, 0.003]}}, 2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--space", str(space), "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking-uri",
-            f"{uri}?token={SECRET}", "--experiment", "raylsm", "--name", "small-search"]
+    # --data relative to the command's directory: the trials run in directories of Ray Tune's choosing.
+    args = ["--space", str(space), "--data", os.path.relpath(data, tmp_path), "--storage", str(tmp_path / "runs"),
+            "--tracking-uri", f"{uri}?token={SECRET}", "--experiment", "raylsm", "--name", "small-search"]
     sessions = ray_sessions()
     proc = _cli(*args, tmp=tmp_path)
     client = MlflowClient(tracking_uri=uri)
@@ -143,7 +144,10 @@ def test_asha_search_interrupted_and_resumed(data: Path, tmp_path: Path):
         time.sleep(0.3)
     assert not _alive(tree), _alive(tree)
 
-    proc = _cli(*args, "--resume", tmp=tmp_path)
+    # The resume is the command the interruption printed: the search's own options (data, --set, store) come from
+    # its record.
+    proc = _cli("--resume", "--name", "small-search", "--storage", str(tmp_path / "runs"), "--space", str(space),
+                tmp=tmp_path)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     assert SECRET not in out and SECRET not in err
@@ -190,6 +194,31 @@ def test_asha_search_interrupted_and_resumed(data: Path, tmp_path: Path):
     assert _files_holding(tmp_path, SECRET.encode()) == [], "secret written to disk"
     searches = ray_sessions() - sessions  # the interrupted search's cluster and the resumed one's
     assert len(searches) == 2 and all(_files_holding(d, SECRET.encode()) == [] for d in searches), "secret in Ray's logs"
+
+
+def test_a_resumed_search_keeps_the_options_it_started_with(tmp_path: Path, monkeypatch):
+    """``--resume`` trains the trials left with the first command's data, --set and store: an option left out is
+    taken from the search's record, the same one given again is accepted, a different one is a one-line error."""
+    from raylsm.config import ConfigError
+    from raylsm.tune.request import SearchRequest, kept_options, resumed
+
+    monkeypatch.chdir(tmp_path)
+    first = SearchRequest(space="s.yaml", data="data/demo", overrides=["data.ll_len=100", "model.features.emb_dim=16"],
+                          tracking_uri="sqlite:////tmp/m.db?token=S3CRET", workers_per_trial=1)
+    kept = kept_options(first)
+    assert kept["data"] == str(tmp_path / "data" / "demo") and kept["tracking_uri"] == "sqlite:////tmp/m.db?token=***"
+    bare = resumed(SearchRequest(space="s.yaml", name="x", resume=True), kept)
+    assert (bare.data, bare.overrides, bare.workers_per_trial, bare.name) == (kept["data"], first.overrides, 1, "x")
+    assert bare.tracking_uri == "sqlite:////tmp/m.db?token=***"
+    again = resumed(SearchRequest(space="s.yaml", data=str(tmp_path / "data/demo"), tracking_uri=first.tracking_uri,
+                                  resume=True), kept)
+    assert again.tracking_uri == first.tracking_uri  # the credentialed one, given again
+    with pytest.raises(ConfigError, match=r"^--resume: --set \['data.ll_len=500'\] is not what the search started with"):
+        resumed(SearchRequest(space="s.yaml", overrides=["data.ll_len=500"], resume=True), kept)
+    with pytest.raises(ConfigError, match=r"^--resume: --data "):
+        resumed(SearchRequest(space="s.yaml", data="other", resume=True), kept)
+    legacy = SearchRequest(space="s.yaml", overrides=["a=1"], resume=True)
+    assert resumed(legacy, None) is legacy  # a record without its options: the resuming command's own
 
 
 def test_a_trial_whose_run_already_finished_hands_back_its_recorded_epochs(tmp_path: Path):

@@ -28,19 +28,18 @@ before it starts (without an explicit ``train.cpus_per_worker`` the worker CPU i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from raylsm.config import ConfigError
 from raylsm.storage import check_trusted_dir, make_private_dir
-from raylsm.train.config import default_tracking_uri, job_flags
+from raylsm.train.config import default_tracking_uri
 from raylsm.tune.record import children, fail_stale_search, read_state, reconcile_children, trials_table, tune_status
+from raylsm.tune.request import SearchRequest, absolute, flags_of, kept_options, resumed  # noqa: F401 (SearchRequest: public API)
 from raylsm.tune.space import EPOCH_METRICS, Space, describe, load_space, trial_job
 
 # A trial is a Tune actor that only waits on its TorchTrainer (whose controller takes 0 CPU): it
@@ -48,30 +47,6 @@ from raylsm.tune.space import EPOCH_METRICS, Space, describe, load_space, trial_
 # trial must also leave ``data.task_cpus`` of the cluster free for them, or its reads never start.
 TRIAL_CPU = 0.1
 STATE_FILE = "raylsm-search.json"
-
-
-@dataclass
-class SearchRequest:
-    """What ``raylsm tune`` was asked for (CLI flags; None = the space file's value)."""
-
-    space: str
-    data: str | None = None
-    trials: int | None = None
-    concurrency: int | None = None
-    workers_per_trial: int | None = None
-    gpu: bool = False
-    searcher: str | None = None
-    overrides: list[str] = field(default_factory=list)
-    experiment: str | None = None
-    tracking_uri: str | None = None
-    storage: str | None = None
-    name: str | None = None
-    resume: bool = False
-
-
-def _flags(req: SearchRequest) -> dict[str, Any]:
-    return job_flags(data=req.data, workers=req.workers_per_trial, gpu=req.gpu, experiment=req.experiment,
-                     tracking_uri=req.tracking_uri, storage=req.storage)
 
 
 def _explicit(space: Space, overrides: list[str], key: str) -> bool:
@@ -199,11 +174,34 @@ def _search_dir(storage: Path, space: Space, name: str | None, resume: bool) -> 
 
 def run_search(req: SearchRequest) -> dict:
     """Run (or resume) a search; return the JSON-able summary printed as the last stdout line."""
-    from raylsm.train.cluster import ensure_ray
-    from raylsm.train.run import check_run_name, check_storage, preflight, stop_signals_interrupt
-    from raylsm.train.tracking import redact_uri, secret_env
+    from raylsm.train.run import check_run_name
 
     check_run_name(req.name or "")
+    if req.resume:
+        name, state = _state_of(req)
+        req = resumed(dataclasses.replace(req, name=name), state.get("request"))
+    return _start(req)
+
+
+def _state_of(req: SearchRequest) -> tuple[str, dict]:
+    """The name and record of the search ``--resume`` continues (its directory checked as trusted first)."""
+    from raylsm.train.run import check_storage
+
+    space = load_space(req.space, req.searcher, req.overrides)
+    probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, req.overrides, flags_of(req))
+    name, search_dir = _search_dir(check_storage(probe.storage), space, req.name, True)
+    state_path = search_dir / STATE_FILE
+    if not state_path.is_file():
+        raise ConfigError(f"--resume: {search_dir} holds no search to resume")
+    check_trusted_dir(search_dir, "--resume")  # Tuner.restore unpickles it (docs/security.md)
+    return name, read_state(state_path)
+
+
+def _start(req: SearchRequest) -> dict:
+    from raylsm.train.cluster import ensure_ray
+    from raylsm.train.run import check_storage, preflight, stop_signals_interrupt
+    from raylsm.train.tracking import redact_uri, secret_env
+
     space = load_space(req.space, req.searcher, req.overrides)  # before any Ray work
     f = space.file
     searcher = req.searcher or f.searcher.kind
@@ -211,7 +209,7 @@ def run_search(req: SearchRequest) -> dict:
     concurrency = req.concurrency or f.concurrency
     if trials < 1 or concurrency < 1:
         raise ConfigError(f"--trials/--concurrency: must be >= 1, got {trials}/{concurrency}")
-    flags = _flags(req)
+    flags = flags_of(req)
     probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, req.overrides, flags)
     storage = check_storage(probe.storage)
     name, search_dir = _search_dir(storage, space, req.name, req.resume)
@@ -224,33 +222,35 @@ def run_search(req: SearchRequest) -> dict:
     if not req.resume and state_path.is_file():
         raise ConfigError(f"--name {name}: a search of that name exists under {storage}; add --resume or pick another name")
     manifest, _, tracking_uri = preflight(probe)
-    # Trials see the redacted URI only (it is in every trial's job); the credentialed one reaches their
-    # processes through the environment.
-    flags = {**flags, "mlflow.tracking_uri": redact_uri(req.tracking_uri) if req.tracking_uri else None}
-    probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, req.overrides, flags)
+    # Trials run in working directories of Ray Tune's choosing: each gets the store resolved here (the default
+    # one is relative to this directory) and an absolute data path. The URI is the redacted one (it is in every
+    # trial's job); the credentialed one reaches their processes through the environment.
+    pinned = [("mlflow.tracking_uri", redact_uri(tracking_uri)), ("data.path", absolute(probe.data.path))]
+    probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, [*req.overrides, *pinned], flags)
 
     # Progress is the per-epoch [tune] lines; Ray's chatter and Ray Data bars stay off.
     ensure_ray(quiet=True, env=secret_env(tracking_uri))
     with stop_signals_interrupt():
         return _search(req, space, searcher, trials, concurrency, flags, probe, storage, name, search_dir, state_path,
-                       manifest, tracking_uri)
+                       manifest, tracking_uri, pinned)
 
 
 def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concurrency: int, flags: dict, probe,
-            storage: Path, name: str, search_dir: Path, state_path: Path, manifest, tracking_uri: str) -> dict:
+            storage: Path, name: str, search_dir: Path, state_path: Path, manifest, tracking_uri: str,
+            pinned: list[tuple[str, str]]) -> dict:
     """:func:`run_search` once Ray is up: the parent run opened (or reopened), the trials fitted, the record closed."""
     import ray
 
     f = space.file
 
-    overrides = list(req.overrides)
+    overrides = [*req.overrides, *pinned]
     overrides += fit_resources(space, req, probe, concurrency, ray.cluster_resources().get("CPU", 0.0))
     probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, overrides, flags)
     from raylsm.train.run import check_cluster_gpus
 
     check_cluster_gpus(probe)
 
-    from raylsm.train.tracking import DRIVER_TAG, client as mlflow_client, driver_tag, experiment_id, start_parent_run
+    from raylsm.train.tracking import DRIVER_TAG, client as mlflow_client, driver_tag, experiment_id, redact_uri, start_parent_run
 
     client = mlflow_client(tracking_uri)
     exp_id = experiment_id(tracking_uri, probe.mlflow.experiment)
@@ -266,7 +266,8 @@ def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concur
         client.set_tag(parent_run_id, DRIVER_TAG, driver_tag())
         make_private_dir(search_dir)
         state_path.write_text(json.dumps({"parent_run_id": parent_run_id, "space": str(space.path.resolve()),
-                                          "settings": settings}, indent=2))
+                                          "settings": settings,
+                                          "request": {**kept_options(req), "tracking_uri": redact_uri(tracking_uri)}}, indent=2))
     results, outcome = None, "FAILED"
     try:
         results = _fit(space, req, searcher, trials, concurrency, overrides, flags, parent_run_id, name, storage,
