@@ -204,11 +204,12 @@ def test_a_resumed_search_keeps_the_options_it_started_with(tmp_path: Path, monk
 
     monkeypatch.chdir(tmp_path)
     first = SearchRequest(space="s.yaml", data="data/demo", overrides=["data.ll_len=100", "model.features.emb_dim=16"],
-                          tracking_uri="sqlite:////tmp/m.db?token=S3CRET", workers_per_trial=1)
+                          tracking_uri="sqlite:////tmp/m.db?token=S3CRET", workers_per_trial=1, trials=4)
     kept = kept_options(first)
     assert kept["data"] == str(tmp_path / "data" / "demo") and kept["tracking_uri"] == "sqlite:////tmp/m.db?token=***"
     bare = resumed(SearchRequest(space="s.yaml", name="x", resume=True), kept)
-    assert (bare.data, bare.overrides, bare.workers_per_trial, bare.name) == (kept["data"], first.overrides, 1, "x")
+    assert (bare.data, bare.overrides, bare.workers_per_trial, bare.trials, bare.name) == (
+        kept["data"], first.overrides, 1, 4, "x")
     assert bare.tracking_uri == "sqlite:////tmp/m.db?token=***"
     again = resumed(SearchRequest(space="s.yaml", data=str(tmp_path / "data/demo"), tracking_uri=first.tracking_uri,
                                   resume=True), kept)

@@ -37,8 +37,9 @@ def flags_of(req: SearchRequest) -> dict[str, Any]:
 
 
 # What a search's trials are built from: kept in its record, so that --resume trains the trials it has left
-# exactly as it started them (the flags and --set of the first command, not those of the resuming one).
-KEPT = ("data", "workers_per_trial", "gpu", "searcher", "overrides", "experiment", "tracking_uri")
+# exactly as it started them (the flags and --set of the first command, not those of the resuming one). Ray Tune
+# restores its own trial count and concurrency from the search directory; the search's record must agree.
+KEPT = ("data", "trials", "concurrency", "workers_per_trial", "gpu", "searcher", "overrides", "experiment", "tracking_uri")
 
 
 def kept_options(req: SearchRequest) -> dict[str, Any]:
