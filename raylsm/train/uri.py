@@ -9,8 +9,9 @@ import re
 import traceback
 
 
-# The full tracking URI when it carries credentials: processes get it from their environment (the Ray
-# workers through their runtime env), so that jobs, configs and checkpoints only ever hold the redacted one.
+# The full tracking URI when it carries credentials: processes get it from their environment (a local cluster's
+# processes inherit it; the training workers set it from their actor's arguments, never from a runtime env, which
+# Ray logs to disk), so that jobs, configs and checkpoints only ever hold the redacted one.
 SECRET_URI_ENV = "RAYLSM_TRACKING_URI"
 
 
@@ -95,7 +96,7 @@ _GUARDED: set[str] = set()
 def mask(text: str) -> str:
     """``text`` with every URL's userinfo and every secret part of each guarded URI replaced by ``***``."""
     text = _USERINFO.sub(r"\1***@", text)
-    for uri in _GUARDED:
+    for uri in tuple(_GUARDED):  # a copy: another thread may guard one more meanwhile
         text = scrub(text, uri)
     return text
 
@@ -111,7 +112,10 @@ def _masked_record_factory(make):
         if clean != message:
             record.msg, record.args = clean, ()
         if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
-            text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            try:
+                text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            except Exception:  # an exception that cannot be formatted: nothing of it is printed
+                text = "(traceback not shown)"
             record.exc_text = mask(text)  # what Formatter prints in place of formatting exc_info itself
         return record
 
