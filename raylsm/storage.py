@@ -17,6 +17,11 @@ from raylsm.config import ConfigError
 PRIVATE_MODE = 0o700
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (against this process's working directory); a remote URI (``s3://``) as it is."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
 def make_private_dir(path: str | Path) -> Path:
     """Create ``path`` and any missing parents with mode 0o700; existing directories are left as they are."""
     path = Path(path)

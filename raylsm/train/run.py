@@ -23,7 +23,7 @@ from raylsm.data.check import validate_dataset
 from raylsm.data.contract import list_shards, shards_gone
 from raylsm.data.splits import SplitPlan, SplitSource, plan_splits
 from raylsm.models.layers import Vocab
-from raylsm.storage import make_private_dir
+from raylsm.storage import absolute, make_private_dir
 from raylsm.train.config import JobConfig, default_tracking_uri
 from raylsm.train.batches import FIRST_BATCH_FILE
 from raylsm.train.cluster import ray_running, start_ray_checking_store
@@ -214,7 +214,7 @@ def build_trainer(job: JobConfig, vocab: Vocab, run_name: str, mlflow_run_id: st
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(Path(job.storage).expanduser().resolve()) if "://" not in job.storage else job.storage,
+            storage_path=absolute(job.storage),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=job.train.keep_checkpoints,
                 checkpoint_score_attribute=score,

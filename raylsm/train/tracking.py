@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raylsm.config import flatten, to_dict
+from raylsm.storage import absolute
 from raylsm.train.uri import SECRET_URI_ENV, has_secret, real_uri, redact_uri, scrub, secret_env  # noqa: F401 (public API)
 
 _PARAM_CHUNK = 100  # MLflow accepts at most 100 params per log_batch call
@@ -143,7 +144,7 @@ def _dataset_input(job, manifest):
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    path = str(Path(job.data.path).expanduser().resolve()) if "://" not in job.data.path else job.data.path
+    path = absolute(job.data.path)
     try:
         with warnings.catch_warnings():  # MLflow registers two local sources of one name and warns for any path
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")

@@ -95,10 +95,9 @@ _GUARDED: set[str] = set()
 
 def mask(text: str) -> str:
     """``text`` with every URL's userinfo and every secret part of each guarded URI replaced by ``***``."""
-    text = _USERINFO.sub(r"\1***@", text)
     for uri in tuple(_GUARDED):  # a copy: another thread may guard one more meanwhile
         text = scrub(text, uri)
-    return text
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def _masked_record_factory(make):

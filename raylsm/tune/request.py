@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from raylsm.config import ConfigError
+from raylsm.storage import absolute
 from raylsm.train.config import job_flags
 from raylsm.train.uri import redact_uri
 
@@ -66,8 +66,3 @@ def resumed(req: SearchRequest, kept: dict[str, Any] | None) -> SearchRequest:
     same = {k: kept.get(k) for k in KEPT if k not in ("tracking_uri", "overrides", "gpu")}
     return dataclasses.replace(req, **same, tracking_uri=uri, overrides=list(kept.get("overrides") or []),
                                gpu=bool(kept.get("gpu")))
-
-
-def absolute(path: str) -> str:
-    """A local path made absolute (against this process's working directory); a remote URI as it is."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())

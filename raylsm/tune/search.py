@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 
 from raylsm.config import ConfigError
-from raylsm.storage import check_trusted_dir, make_private_dir
+from raylsm.storage import absolute, check_trusted_dir, make_private_dir
 from raylsm.train.config import default_tracking_uri
 from raylsm.tune.record import children, fail_stale_search, read_state, reconcile_children, trials_table, tune_status
-from raylsm.tune.request import SearchRequest, absolute, flags_of, kept_options, resumed  # noqa: F401 (SearchRequest: public API)
+from raylsm.tune.request import SearchRequest, flags_of, kept_options, resumed  # noqa: F401 (SearchRequest: public API)
 from raylsm.tune.space import EPOCH_METRICS, Space, describe, load_space, trial_job
 
 # A trial is a Tune actor that only waits on its TorchTrainer (whose controller takes 0 CPU): it
