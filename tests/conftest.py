@@ -51,11 +51,12 @@ def ray_local():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    # As ensure_ray's local cluster: no preemption watcher actor, workers polled every 0.5 s.
+    # As ensure_ray's local cluster: no preemption watcher actor, workers polled every 0.5 s, no usage statistics.
     from raylsm.train.cluster import LOCAL_HEALTH_CHECK_INTERVAL_S
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Loopback only, as raylsm.train.cluster.ensure_ray: the node address stays 127.0.0.1 (set at the top of
     # this file, before any test imports Ray).
     if not ray.is_initialized():

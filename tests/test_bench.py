@@ -151,8 +151,9 @@ def test_time_to_mark_names_a_command_that_exits_without_its_mark(tmp_path):
                       tmp_path / "mark", timeout=60, env={})
 
 
-def test_local_cluster_polls_workers_every_half_second_unless_the_user_says(monkeypatch):
-    """ensure_ray's local cluster: Ray Train's worker poll interval is 0.5 s by default; a user's value wins."""
+def test_local_cluster_polls_workers_every_half_second_and_reports_no_usage_unless_the_user_says(monkeypatch):
+    """ensure_ray's local cluster: Ray Train's worker poll interval is 0.5 s and Ray's usage statistics are off
+    by default; a user's values win."""
     import os
 
     import ray
@@ -164,12 +165,15 @@ def test_local_cluster_polls_workers_every_half_second_unless_the_user_says(monk
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     # ensure_ray sets several variables for the Ray it starts: a copy keeps them from reaching later tests.
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
-                                        if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")})
+                                        if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                     "RAY_USAGE_STATS_ENABLED")})
     cluster.ensure_ray(num_cpus=1, quiet=True)
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5" and calls[0]["dashboard_host"] == "127.0.0.1"
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
     cluster.ensure_ray(num_cpus=1, quiet=True)
-    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3" and os.environ["RAY_USAGE_STATS_ENABLED"] == "1"
 
 
 @pytest.mark.parametrize("argv, option", [

@@ -26,7 +26,8 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     defaults to ``disabled`` for this loopback-only cluster (docs/design.md, "Ray and MLflow notes": explicit, so behaviour doesn't flip
     once ``~/.ray/auth_token`` exists); a user's setting wins. So does ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``,
     off by default here (no spot nodes on a loopback cluster), and ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 0.5 s
-    here instead of Ray's 2 s (a finished or lost worker is noticed sooner). ``env``: variables every process
+    here instead of Ray's 2 s (a finished or lost worker is noticed sooner), and ``RAY_USAGE_STATS_ENABLED``,
+    off here (nothing is reported off the host). ``env``: variables every process
     of this job gets (a credentialed tracking URI): inherited by a local cluster's processes, the job's
     runtime env on a joined cluster; never a file.
 
@@ -61,6 +62,10 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     # Ray Train's controller polls its workers every 2 s: a finished or failed worker waits up to that long to be
     # noticed. Polling a one-node cluster's workers is cheap, so it polls every half second here.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
+    # Ray's usage statistics (a report to Ray's servers, and Ray Data's collection actor, one more process
+    # per cluster) are off for a loopback cluster started here: it sends nothing off this host. A user's
+    # setting wins.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     dashboard_port = _free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{dashboard_port}"
     if quiet:
