@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Ray reads this when first imported: the local test clusters keep their node address on 127.0.0.1
 # (as raylsm.train.cluster.ensure_ray does for `raylsm train`).
@@ -59,10 +60,29 @@ def ray_local():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Loopback only, as raylsm.train.cluster.ensure_ray: the node address stays 127.0.0.1 (set at the top of
     # this file, before any test imports Ray).
+    before = ray_session_dirs()
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    RAY_LOCAL_SESSION.extend(ray_session_dirs() - before)  # its logs (tests look for secrets there)
     yield ray
     ray.shutdown()
+
+
+RAY_LOCAL_SESSION: list[Path] = []  # the session directory of the ``ray_local`` cluster, once it started
+
+
+@pytest.fixture(scope="session")
+def ray_local_session(ray_local) -> Path:
+    """The session directory (Ray's logs) of the ``ray_local`` cluster."""
+    assert len(RAY_LOCAL_SESSION) == 1, RAY_LOCAL_SESSION
+    return RAY_LOCAL_SESSION[0]
+
+
+def ray_session_dirs() -> set[Path]:
+    """The session directories of the local Ray clusters started on this host so far (Ray's logs live there)."""
+    import tempfile
+
+    return set(Path(tempfile.gettempdir(), "ray").glob("session_2*"))
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +150,7 @@ def interrupted_run(tmp_path_factory):
 
 # Fixtures that start (or are) a Ray cluster: a test that asks for one is a `ray` test even without the mark,
 # so `make test-fast` (-m "not ray") never starts Ray.
-RAY_FIXTURES = {"ray_local", "ray_address", "interrupted_run", "cluster"}
+RAY_FIXTURES = {"ray_local", "ray_address", "ray_local_session", "interrupted_run", "cluster"}
 
 
 def pytest_collection_modifyitems(config, items):

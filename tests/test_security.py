@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import small_world_dataset
+from tests.conftest import ray_session_dirs as ray_sessions, small_world_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -370,11 +370,6 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
-def ray_sessions() -> set[Path]:
-    """The session directories of the local Ray clusters started on this host so far (Ray's logs live there)."""
-    import tempfile
-
-    return set(Path(tempfile.gettempdir(), "ray").glob("session_2*"))
 
 
 def _free_port() -> int:

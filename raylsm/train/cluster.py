@@ -14,8 +14,8 @@ LOOPBACK = "127.0.0.1"
 LOCAL_HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train controller poll interval on a local cluster (Ray: 2 s)
 
 
-def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, str] | None = None,
-               before_start: Callable[[], object] | None = None, object_store_mb: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, quiet: bool = False, before_start: Callable[[], object] | None = None,
+               object_store_mb: int | None = None) -> None:
     """Connect to the cluster a job was submitted to (RAY_ADDRESS), or start a local one bound to loopback.
 
     Joining a cluster: the user's ``RAY_AUTH_MODE`` and token are used as they are (never forced off).
@@ -27,9 +27,9 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     once ``~/.ray/auth_token`` exists); a user's setting wins. So does ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``,
     off by default here (no spot nodes on a loopback cluster), and ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 0.5 s
     here instead of Ray's 2 s (a finished or lost worker is noticed sooner), and ``RAY_USAGE_STATS_ENABLED``,
-    off here (nothing is reported off the host). ``env``: variables every process
-    of this job gets (a credentialed tracking URI): inherited by a local cluster's processes, the job's
-    runtime env on a joined cluster; never a file.
+    off here (nothing is reported off the host). No secret goes through here: a
+    runtime env's variables are written to Ray's logs, and a local cluster's processes would inherit them
+    (a credentialed tracking URI travels as an actor's or a trainable's argument instead).
 
     The dashboard runs (on loopback) because Ray Train's placement-group cleaner asks its state API
     whether the training controller is alive; ``RAY_API_SERVER_ADDRESS`` names it, since with several Ray
@@ -50,10 +50,8 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = False, env: dict[str, 
     if before_start is not None:
         before_start()
     if address:
-        ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO,
-                 runtime_env={"env_vars": dict(env)} if env else None)
+        ray.init(address=address, logging_level=logging.WARNING if quiet else logging.INFO)
         return
-    os.environ.update(env or {})  # the raylet and every worker it starts inherit this process's environment
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray Train's preemption watcher polls for spot-node preemption notices, which a one-node loopback

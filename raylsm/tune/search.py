@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,12 +77,15 @@ def fit_resources(space: Space, req: SearchRequest, job, concurrency: int, total
 
 
 def tune_trial(config: dict, *, space: Space, overrides: list[str], flags: dict,
-               parent_run_id: str, search_name: str, trials_storage: str) -> None:
+               parent_run_id: str, search_name: str, trials_storage: str, secret: dict[str, str] | None = None) -> None:
     """One trial: the sampled config -> a full ``run_training`` whose epochs Tune sees.
 
     ``space`` is the driver's loaded and checked space (handed over by ``tune.with_parameters``), and
-    ``config`` holds the sampled values as Tune drew them: nothing is re-read or re-parsed here.
+    ``config`` holds the sampled values as Tune drew them: nothing is re-read or re-parsed here. ``secret``
+    (:func:`raylsm.train.uri.secret_env`) carries a credentialed tracking URI in memory, as a parameter of the
+    trainable (Ray's object store), never in a runtime env, whose variables Ray's agent writes to its log.
     """
+    os.environ.update(secret or {})  # for real_uri in this trial's process; run_training hands it to its workers
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -200,7 +204,7 @@ def _state_of(req: SearchRequest) -> tuple[str, dict]:
 def _start(req: SearchRequest) -> dict:
     from raylsm.train.cluster import ensure_ray
     from raylsm.train.run import check_storage, preflight, stop_signals_interrupt
-    from raylsm.train.tracking import redact_uri, secret_env
+    from raylsm.train.tracking import redact_uri
 
     space = load_space(req.space, req.searcher, req.overrides)  # before any Ray work
     f = space.file
@@ -228,8 +232,9 @@ def _start(req: SearchRequest) -> dict:
     pinned = [("mlflow.tracking_uri", redact_uri(tracking_uri)), ("data.path", absolute(probe.data.path))]
     probe = trial_job(space, {k: d.values[0] for k, d in space.dists.items()}, [*req.overrides, *pinned], flags)
 
-    # Progress is the per-epoch [tune] lines; Ray's chatter and Ray Data bars stay off.
-    ensure_ray(quiet=True, env=secret_env(tracking_uri))
+    # Progress is the per-epoch [tune] lines; Ray's chatter and Ray Data bars stay off. The credentialed URI
+    # reaches the trials as a parameter of their trainable (_fit), not through the cluster's environment.
+    ensure_ray(quiet=True)
     with stop_signals_interrupt():
         return _search(req, space, searcher, trials, concurrency, flags, probe, storage, name, search_dir, state_path,
                        manifest, tracking_uri, pinned)
@@ -250,7 +255,8 @@ def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concur
 
     check_cluster_gpus(probe)
 
-    from raylsm.train.tracking import DRIVER_TAG, client as mlflow_client, driver_tag, experiment_id, redact_uri, start_parent_run
+    from raylsm.train.tracking import (DRIVER_TAG, client as mlflow_client, driver_tag, experiment_id, redact_uri,
+                                       secret_env, start_parent_run)
 
     client = mlflow_client(tracking_uri)
     exp_id = experiment_id(tracking_uri, probe.mlflow.experiment)
@@ -271,7 +277,7 @@ def _search(req: SearchRequest, space: Space, searcher: str, trials: int, concur
     results, outcome = None, "FAILED"
     try:
         results = _fit(space, req, searcher, trials, concurrency, overrides, flags, parent_run_id, name, storage,
-                       search_dir, probe.train.epochs, probe.data.task_cpus)
+                       search_dir, probe.train.epochs, probe.data.task_cpus, secret_env(tracking_uri))
         statuses = tune_status(search_dir)
         complete = len(statuses) >= _expected(space, searcher, trials) and all(
             s in ("TERMINATED", "ERROR") for s in statuses.values())
@@ -306,14 +312,15 @@ def _redact(uri: str) -> str:
 
 
 def _fit(space: Space, req: SearchRequest, searcher: str, trials: int, concurrency: int, overrides: list[str],
-         flags: dict, parent_run_id: str, name: str, storage: Path, search_dir: Path, epochs: int, data_cpu: float):
+         flags: dict, parent_run_id: str, name: str, storage: Path, search_dir: Path, epochs: int, data_cpu: float,
+         secret: dict[str, str]):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     f = space.file
     trainable = tune.with_parameters(
         tune_trial, space=space, overrides=overrides, flags=flags,
-        parent_run_id=parent_run_id, search_name=name, trials_storage=str(search_dir / "trials"),
+        parent_run_id=parent_run_id, search_name=name, trials_storage=str(search_dir / "trials"), secret=secret,
     )
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
     if req.resume:
