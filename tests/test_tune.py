@@ -205,33 +205,6 @@ def test_asha_search_interrupted_and_resumed(data: Path, tmp_path: Path, ray_add
     assert all(_files_holding(d, SECRET.encode()) == [] for d in [*searches, ray_local_session]), "secret in Ray's logs"
 
 
-@pytest.mark.parametrize("credentialed", [True, False])
-def test_a_trial_connects_with_the_credentialed_uri_of_its_parameter(tmp_path: Path, monkeypatch, credentialed):
-    """A trial's job holds the redacted tracking URI; the real one comes as the trainable's ``secret`` parameter
-    (never from a runtime env or the cluster's environment) and is what the trial's training connects with.
-    Without the parameter the trial has only the redacted URI."""
-    import ray.tune
-    import ray.tune.integration.ray_train
-
-    import raylsm.train.run
-    from raylsm.train.uri import SECRET_URI_ENV, real_uri, redact_uri, secret_env
-    from raylsm.tune import search
-    from raylsm.tune.space import load_space
-
-    uri = "http://alice:S3CRET@127.0.0.1:5000"
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != SECRET_URI_ENV})
-    connected = []
-    monkeypatch.setattr(raylsm.train.run, "run_training", lambda job, **kw: connected.append(real_uri(job.mlflow.tracking_uri)))
-    monkeypatch.setattr(search, "finished_trial_epochs", lambda *args: [])
-    monkeypatch.setattr(ray.tune, "get_context", lambda: type("Context", (), {"get_trial_id": lambda self: "t0"})())
-    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)  # needs a Tune session
-    space = load_space(_space(tmp_path, "s", "fifo", {"train.lr": {"grid": [0.01]}}, 1))
-    search.tune_trial({"train.lr": 0.01}, space=space, overrides=[f"mlflow.tracking_uri={redact_uri(uri)}"], flags={},
-                      parent_run_id="p", search_name="s", trials_storage=str(tmp_path),
-                      secret=secret_env(uri) if credentialed else None)
-    assert connected == [uri if credentialed else "http://***@127.0.0.1:5000"]
-
-
 def test_a_resumed_search_keeps_the_options_it_started_with(tmp_path: Path, monkeypatch):
     """``--resume`` trains the trials left with the first command's data, --set and store: an option left out is
     taken from the search's record, the same one given again is accepted, a different one is a one-line error."""

@@ -199,3 +199,40 @@ def test_experiment_in_process_runs_every_cell_and_logs_the_table(tmp_path, caps
     assert all(r.data.params["model.crp.enabled"] == "True" for r in lcn)
     table = client.download_artifacts(out["parent_run_id"], "table.md", str(tmp_path))
     assert "variant=lcn" in open(table).read()
+
+
+@pytest.mark.parametrize("credentialed", [True, False])
+def test_a_trial_connects_with_the_credentialed_uri_of_its_parameter(tmp_path: Path, monkeypatch, credentialed):
+    """A trial's job holds the redacted tracking URI; the real one comes as the trainable's ``secret`` parameter
+    (never from a runtime env or the cluster's environment) and is what the trial's training connects with.
+    Without the parameter the trial has only the redacted URI."""
+    import logging
+    import os
+
+    import ray.tune
+    import ray.tune.integration.ray_train
+
+    import raylsm.train.run
+    import raylsm.train.uri
+    from raylsm.train.uri import SECRET_URI_ENV, real_uri, redact_uri, secret_env
+    from raylsm.tune import search
+    from tests.test_tune import _space
+
+    uri = "http://alice:S3CRET@127.0.0.1:5000"
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != SECRET_URI_ENV})
+    # Resolving the credentialed URI guards this process's log records: undone after the test.
+    monkeypatch.setattr(raylsm.train.uri, "_GUARDED", set())
+    factory = logging.getLogRecordFactory()
+    connected = []
+    monkeypatch.setattr(raylsm.train.run, "run_training", lambda job, **kw: connected.append(real_uri(job.mlflow.tracking_uri)))
+    monkeypatch.setattr(search, "finished_trial_epochs", lambda *args: [])
+    monkeypatch.setattr(ray.tune, "get_context", lambda: type("Context", (), {"get_trial_id": lambda self: "t0"})())
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", lambda: None)  # needs a Tune session
+    space = load_space(_space(tmp_path, "s", "fifo", {"train.lr": {"grid": [0.01]}}, 1))
+    try:
+        search.tune_trial({"train.lr": 0.01}, space=space, overrides=[f"mlflow.tracking_uri={redact_uri(uri)}"],
+                          flags={}, parent_run_id="p", search_name="s", trials_storage=str(tmp_path),
+                          secret=secret_env(uri) if credentialed else None)
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert connected == [uri if credentialed else "http://***@127.0.0.1:5000"]
