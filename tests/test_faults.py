@@ -142,7 +142,8 @@ def test_mlflow_store_lost_mid_run_training_goes_on_and_record_is_reconciled(ray
 
     watcher = threading.Thread(target=break_then_mend)
     watcher.start()
-    result = run_training(_job(fault_data, tmp_path, "train.epochs=3", "name=outage"))
+    # early stopping off: the run must reach an epoch after the outage whatever its validation AUC does
+    result = run_training(_job(fault_data, tmp_path, "train.epochs=3", "train.early_stop_patience=0", "name=outage"))
     watcher.join()
     assert outage == ["away", "back"]
     client = MlflowClient(tracking_uri=result["tracking_uri"])
