@@ -554,6 +554,37 @@ def test_a_checkpoint_written_before_a_model_key_existed_loads_as_the_model_it_i
             assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+def test_meta_build_leaves_meta_tensors_undrawn_and_draws_every_other_tensor():
+    """Inside the block a meta tensor passes through ``normal_`` untouched while a CPU tensor is drawn as always;
+    outside it (the mechanism off) torch's own ``normal_`` is back."""
+    import torch
+
+    from raylsm.train.checkpoint import meta_tensors_skip_normal_init
+
+    real = torch.nn.init.normal_
+    with meta_tensors_skip_normal_init():
+        meta = torch.empty(3, 4, device="meta")
+        assert torch.nn.init.normal_(meta) is meta
+        torch.manual_seed(0)
+        drawn = torch.nn.init.normal_(torch.zeros(3, 4), std=2.0)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, real(torch.zeros(3, 4), std=2.0)) and drawn.abs().sum() > 0
+    assert torch.nn.init.normal_ is real
+
+
+def test_loading_a_checkpoint_in_a_fresh_process_does_not_import_torch_dynamo(tiny_data: Path, tmp_path: Path):
+    """The shape check's meta-device build draws nothing: the process that loads a checkpoint (``raylsm eval``,
+    the driver logging the model) does not pay ``torch._dynamo``'s import, and the weights load whole."""
+    directory = _checkpoint(tmp_path / "ckpt", tiny_data)
+    code = ("import sys, torch; from raylsm.train.checkpoint import model_from_checkpoint, load_checkpoint; "
+            f"m, _ = model_from_checkpoint({str(directory)!r}); s, _ = load_checkpoint({str(directory)!r}); "
+            "assert all(torch.equal(m.state_dict()[k], v) for k, v in s['model'].items()); "
+            "print('torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
+
+
 def test_crafted_checkpoints_are_one_line_for_eval(tiny_data: Path, tmp_path: Path, capsys):
     import shutil
 

@@ -8,10 +8,12 @@ and resuming (:func:`restore_checkpoint`, :func:`previous_metrics`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -198,6 +200,30 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu",
     return state, meta
 
 
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def meta_tensors_skip_normal_init():
+    """Within the block, ``torch.nn.init.normal_`` leaves a meta tensor as it is (it has no values to draw).
+
+    On the meta device torch's ``normal_`` runs a Python decomposition that imports ``torch._dynamo`` on first
+    use, about 2 s of a process's start (the driver logging a model, ``raylsm eval``). Tensors on any other
+    device are drawn as always, so a model built elsewhere in the process meanwhile is unaffected.
+    """
+    real = torch.nn.init.normal_
+
+    def normal_(tensor: Tensor, *args, **kwargs) -> Tensor:
+        return tensor if tensor.is_meta else real(tensor, *args, **kwargs)
+
+    with _INIT_LOCK:
+        torch.nn.init.normal_ = normal_
+        try:
+            yield
+        finally:
+            torch.nn.init.normal_ = real
+
+
 def model_from_checkpoint(directory: str, map_location: str | torch.device = "cpu",
                           option: str = "--checkpoint") -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint and load its weights.
@@ -209,7 +235,7 @@ def model_from_checkpoint(directory: str, map_location: str | torch.device = "cp
     job = from_dict(JobConfig, meta["job"])
     vocab = Vocab(**meta["vocab"])
     weights = state["model"]
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+    with torch.random.fork_rng(devices=[]), torch.device("meta"), meta_tensors_skip_normal_init():
         expected = build_model(job.model, vocab).state_dict()
     for key, tensor in expected.items():
         got = weights.get(key)
