@@ -31,7 +31,7 @@ def test_resolve_job_precedence_and_errors(tmp_path):
     job = resolve_job(config_file=str(ROOT / "jobs" / "lcn.yaml"), overrides=["model.lap.k1=100", "train.lr=0.01"],
                       flags={"train.epochs": 5, "data.path": "/x"})
     assert (job.model.lap.k1, job.train.lr, job.train.epochs, job.data.path) == (100, 0.01, 5, "/x")
-    assert job.model.crp.enabled and job.model.crp.weight == 8.0  # the lcn preset's measured CRP setting
+    assert job.model.crp.enabled and job.model.crp.weight == 16.0  # the lcn preset's measured CRP setting
     with pytest.raises(ConfigError, match="train.lr"):
         resolve_job(preset="lap", overrides=["train.lr=fast"])
     with pytest.raises(ConfigError, match="trian"):

@@ -137,7 +137,7 @@ def test_crp_weight_zero_is_exactly_the_backbone():
     for p1, p2 in zip(lap.parameters(), lcn.parameters()):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0)
     # With a positive weight the item embeddings move differently.
-    assert small("lcn").aux_weights == {"crp": 8.0}
+    assert small("lcn").aux_weights == {"crp": 16.0}
 
 
 def test_unknown_and_inconsistent_config_keys_raise():

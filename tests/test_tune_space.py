@@ -30,7 +30,7 @@ def test_shipped_space_is_valid(path: Path):
 def test_lcn_space_searches_crp_lap_sizes_and_the_learning_rate():
     space = load_space(ROOT / "tune_spaces/lcn.yaml")
     d = space.dists
-    assert d["model.crp.weight"].kind == "loguniform" and d["model.crp.weight"].values == [0.01, 16.0]
+    assert d["model.crp.weight"].kind == "loguniform" and d["model.crp.weight"].values == [0.01, 64.0]
     assert d["model.crp.m"].kind == "int" and d["model.crp.m"].log and d["model.crp.m"].values == [64, 4096]
     for key in ("model.crp.tau", "model.crp.lambda_pt", "model.crp.lambda_ps", "model.crp.lambda_pc",
                 "model.lap.k1", "model.lap.k2", "model.lap.heads", "train.lr"):

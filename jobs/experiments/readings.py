@@ -76,7 +76,7 @@ READINGS: list[tuple[str, str, list[str]]] = [
     ("model.short_term_pooling", "lap", ["sum_scaled"]),
     ("train.lr_decay", "lcn", ["0.5"]),
     ("model.crp.tau", "lcn", ["0.1"]),
-    ("model.crp.weight", "lcn", ["0.1", "0.89", "2.0", "4.0"]),
+    ("model.crp.weight", "lcn", ["0.1", "0.89", "2.0", "4.0", "8.0"]),
     ("model.crp.denominator", "lcn", ["with_positive"]),
     ("model.context.merge", "cain", ["replace"]),
     ("model.context.cl", "cain", ["7"]),
