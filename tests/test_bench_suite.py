@@ -57,9 +57,9 @@ def test_quick_suite_runs_every_part_and_its_reports_agree_with_its_last_line(qu
     assert {k: report[k] for k in line} == line  # the report holds the line's content, and more
     assert set(report) - set(line) == {"command", "started_utc", "machine", "details"}
     assert report["machine"]["cpus"] == os.cpu_count() and report["command"].startswith("raylsm bench suite --device cpu")
-    # Two lanes side by side (--quick), each one part after the other: the Ray parts, and the local ones.
+    # Two lanes side by side (--quick), each one part after the other: ingest and startup, and the local parts then train.
     lanes = {name: d["lane"] for name, d in report["details"].items()}
-    assert {n for n, lane in lanes.items() if lane == "ray"} == set(suite.RAY_PARTS) == {"ingest", "train", "startup"}
+    assert {n for n, lane in lanes.items() if lane == "ray"} == set(suite.RAY_PARTS) - set(suite.LOCAL_LANE_RAY_PARTS) == {"ingest", "startup"}
     assert set(lanes.values()) == {"local", "ray"}
     for lane in ("local", "ray"):
         assert sum(p["seconds"] for n, p in line["parts"].items() if lanes[n] == lane) <= line["seconds"]
@@ -196,9 +196,10 @@ def test_budget_shares_shrink_the_step_table_and_never_pass_the_budget(monkeypat
 
 
 def test_quick_lanes_join_one_cluster_and_a_cluster_that_never_starts_fails_only_the_ray_parts(monkeypatch):
-    """--quick with the cluster and the parts faked: the local parts run in one lane and the Ray parts in the
-    other, each Ray part with the cluster's address; and when the cluster never comes up, the Ray parts are
-    recorded failed with the reason (the report still renders) while the local lane runs on."""
+    """--quick with the cluster and the parts faked: the local parts and then train run in one lane and the other
+    Ray parts in the other, each Ray part with the cluster's address, the cluster with two logical CPUs per core;
+    and when the cluster never comes up, the Ray parts are recorded failed with the reason (the report still
+    renders) while the local parts run on."""
     import argparse
     import contextlib
 
@@ -208,9 +209,12 @@ def test_quick_lanes_join_one_cluster_and_a_cluster_that_never_starts_fails_only
         ran[part.name] = env
         return {"bench": part.bench, "argv": part.argv, "status": "ok", "seconds": 0.1, "result": {"ratio": 1.0}}
 
+    asked: list = []
+
     def cluster(up: bool):
         @contextlib.contextmanager
-        def starting():
+        def starting(num_cpus=None):
+            asked.append(num_cpus)
             def address(timeout):
                 if not up:
                     raise RuntimeError("the local cluster for `--cluster running` did not start within 5 s")
@@ -225,7 +229,8 @@ def test_quick_lanes_join_one_cluster_and_a_cluster_that_never_starts_fails_only
     monkeypatch.setattr(startup, "starting_local_cluster", cluster(True))
     records = suite.run_parts(todo, budget=100.0, shared_cluster=True)
     assert list(records) == QUICK_PARTS and all(r["status"] == "ok" for r in records.values())
-    assert {n: r["lane"] for n, r in records.items()} == {n: "ray" if n in suite.RAY_PARTS else "local" for n in QUICK_PARTS}
+    assert {n: r["lane"] for n, r in records.items()} == {n: "ray" if n in ("ingest", "startup") else "local" for n in QUICK_PARTS}
+    assert list(records)[-3:] == ["ingest", "train", "startup"] and asked == [2 * (os.cpu_count() or 1)]
     assert {n: (e or {}).get("RAY_ADDRESS") for n, e in ran.items()} == {
         n: "127.0.0.1:6000" if n in suite.RAY_PARTS else None for n in QUICK_PARTS}
     assert all(records[n]["ray_address"] == "127.0.0.1:6000" for n in suite.RAY_PARTS)

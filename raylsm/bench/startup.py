@@ -69,13 +69,15 @@ def hold_local_cluster(num_cpus: float | None = None) -> None:
 
 
 @contextlib.contextmanager
-def starting_local_cluster():
+def starting_local_cluster(num_cpus: int | None = None):
     """Start a local loopback cluster in a process of its own now, and keep it for the duration.
+
+    ``num_cpus``: its logical CPUs (None: Ray's count of this machine's).
 
     Yields ``address(timeout)``, which waits (at most ``timeout`` seconds) for the cluster to be up and
     returns its address: whatever runs in between overlaps the cluster's start-up.
     """
-    code = "from raylsm.bench.startup import hold_local_cluster; hold_local_cluster()"
+    code = f"from raylsm.bench.startup import hold_local_cluster; hold_local_cluster({num_cpus!r})"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     known: list[str] = []

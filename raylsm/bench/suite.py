@@ -43,6 +43,11 @@ MIN_START_S = 0.5  # with less than this left, the remaining parts are skipped
 REAP_GRACE_S = 20.0  # a timed-out part: SIGINT, then this long for it (and the Ray it started) to stop
 TAIL_LINES = 20
 RAY_PARTS = ("ingest", "train", "startup")  # the parts that start (or, with --quick, join) a Ray cluster
+# --quick: the Ray part that runs in the local lane, after the local parts (on the shared cluster), so that the
+# two lanes take about as long; and the shared cluster's logical CPUs per core, so that two Ray Train runs at once
+# (a worker and Ray Data's read tasks each) never wait on each other's CPUs.
+LOCAL_LANE_RAY_PARTS = ("train",)
+QUICK_CLUSTER_CPUS_PER_CORE = 2
 TINY_MODEL = ("features.emb_dim=8", "lap.k1=8", "lap.k2=4", "crp.m=16", "head=[8]")  # --quick
 
 
@@ -153,9 +158,9 @@ def run_parts(todo: list[Part], budget: float, shared_cluster: bool = False) -> 
     """Every part within ``budget`` seconds: a weighted share of what is left each; records by name, in plan order.
 
     ``shared_cluster`` (``--quick``): two lanes run side by side, each in plan order: the Ray parts
-    (:data:`RAY_PARTS`) in one, on one local cluster started with the suite (instead of each starting its
-    own), and the local parts in the other. A check that every part runs, not figures: the lanes share the
-    machine. Each record says its ``lane``.
+    (:data:`RAY_PARTS`) on one local cluster started with the suite (instead of each starting its own), ingest and
+    startup in one lane, the local parts and then train (:data:`LOCAL_LANE_RAY_PARTS`) in the other. A check that
+    every part runs, not figures: the lanes share the machine. Each record says its ``lane``.
     """
     from raylsm.bench.startup import starting_local_cluster
 
@@ -165,8 +170,11 @@ def run_parts(todo: list[Part], budget: float, shared_cluster: bool = False) -> 
     records: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:  # holds the shared cluster until both lanes end
         wants = budget >= MIN_PART_S and any(p.bench in RAY_PARTS for p in todo)
-        cluster = _SharedCluster(stack.enter_context(starting_local_cluster())) if wants else None
-        lanes = {"local": [p for p in todo if p.bench not in RAY_PARTS], "ray": [p for p in todo if p.bench in RAY_PARTS]}
+        cpus = QUICK_CLUSTER_CPUS_PER_CORE * (os.cpu_count() or 1)
+        cluster = _SharedCluster(stack.enter_context(starting_local_cluster(cpus))) if wants else None
+        local = [p for p in todo if p.bench not in RAY_PARTS]
+        lanes = {"local": local + [p for p in todo if p.bench in LOCAL_LANE_RAY_PARTS],
+                 "ray": [p for p in todo if p.bench in RAY_PARTS and p.bench not in LOCAL_LANE_RAY_PARTS]}
         threads = [threading.Thread(target=lambda n=name, parts=parts: records.update(
                        _run_lane(parts, budget, started, n, cluster)), name=f"suite-{name}")
                    for name, parts in lanes.items() if parts]
