@@ -419,12 +419,12 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "RAYLSM_"))}
 
 
-@pytest.mark.ray
-def test_credentialed_tracking_uri_is_never_written_or_printed(tmp_path_factory):
-    """``raylsm train`` against a real MLflow server through ``http://alice:S3CRET@...`` (basic auth in the URI):
-    the run is recorded (params, job YAML, model artifact, metrics from the worker), and ``S3CRET`` appears in
-    no file under the storage, the server's store and artifacts, the working directory, the Ray cluster's session
-    logs, nor in stdout/stderr."""
+def test_credentialed_tracking_uri_is_never_written_or_printed(tmp_path_factory, ray_address, ray_local_session):
+    """``raylsm train`` against a real MLflow server through ``http://alice:S3CRET@...`` (basic auth in the URI),
+    submitted to a running Ray cluster (``RAY_ADDRESS``, as under ``ray job submit``: a secret handed to the
+    workers in a runtime env would be logged by the cluster's runtime env agent): the run is recorded (params,
+    job YAML, model artifact, metrics from the worker), and ``S3CRET`` appears in no file under the storage, the
+    server's store and artifacts, the working directory, the cluster's session logs, nor in stdout/stderr."""
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("secret")
@@ -438,13 +438,13 @@ def test_credentialed_tracking_uri_is_never_written_or_printed(tmp_path_factory)
         for kv in TINY:
             cmd += ["--set", kv]
         sessions = ray_sessions()
-        proc = subprocess.run(cmd, cwd=tmp, env=_clean_env(), capture_output=True, text=True, timeout=600)
+        env = {**_clean_env(), "RAY_ADDRESS": ray_address}
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert SECRET not in proc.stdout and SECRET not in proc.stderr
-        # Nor in the logs of the run's Ray cluster (Ray's runtime env agent logs every env var it is given).
-        (session,) = ray_sessions() - sessions
-        assert _files_holding(session, SECRET.encode()) == [], "secret in Ray's session logs"
+        assert ray_sessions() == sessions  # it joined the running cluster
+        assert _files_holding(ray_local_session, SECRET.encode()) == [], "secret in Ray's session logs"
         assert result["tracking_uri"] == f"http://***@127.0.0.1:{port}"
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         run = client.get_run(result["mlflow_run_id"])

@@ -1,15 +1,21 @@
 """Row-sharded tables (:mod:`raylsm.models.sharded_embedding`): each of N ranks holds about 1/N of a table's rows,
 and two gloo ranks, each on half of every batch, take the same SGD steps as one process on the whole batch.
+
+Two sharded Ray Train workers training, checkpointing whole tables and resuming on one worker: the two-worker
+run of ``tests/test_train_ray.py``.
 """
 
 from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as tmp_mp
 
+from raylsm.config import ConfigError
 from raylsm.models.sharded_embedding import RowShardedEmbedding, full_state_dict, shard_rows, shard_tables
+from raylsm.train.config import resolve_job
 from raylsm.train.optim import RowSparseOptimizer, sharded_tables, split_parameters
 from tests.test_sparse_embeddings import VOCAB, _batches, _losses, _model, _sgd
 
@@ -166,3 +172,42 @@ def test_two_sharded_ranks_with_row_adam_match_one_process_and_save_whole_moment
     assert float(got["step"]) == float(ref[item]["step"]) == 4.0
     for k in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(got[k], ref[item][k], rtol=1e-3, atol=1e-7, msg=k)
+
+
+def test_a_whole_checkpoint_restores_into_each_sharded_rank_with_its_rows_of_the_moments(tmp_path):
+    """What a sharded worker does when it resumes (``restore_checkpoint`` after ``shard_tables``): weights and
+    row-wise Adam moments of the whole item table go back as this rank's rows, the rest whole, step counts kept."""
+    from raylsm.train.checkpoint import restore_checkpoint, save_checkpoint
+    from raylsm.train.config import resolve_job
+    from raylsm.train.optim import build_optimizer
+
+    job = resolve_job(preset="lap", overrides=["train.embedding_update=sparse"])
+    one = _model(seed=0)
+    opt = build_optimizer(one, 0.01, embedding_update="sparse")
+    _losses(one, opt, _batches(3, b=8))
+    save_checkpoint(str(tmp_path), one, opt, 0, job, VOCAB, {"epoch": 0})
+    whole = one.state_dict()["features.tables.item.weight"]
+    index = [p is one.features.tables["item"].weight for g in opt.param_groups for p in g["params"]].index(True)
+    ref = opt.state_dict()["state"][index]
+    assert ref["exp_avg_sq"].abs().sum(1).gt(0).sum() > 20  # rows with moments to hand back
+    for rank in range(2):
+        model = _model(seed=7)
+        assert shard_tables(model, min_rows=100, world=2, rank=rank) == ["item"]
+        opt2 = build_optimizer(model, 0.01, embedding_update="sparse")
+        assert restore_checkpoint(str(tmp_path), model, opt2, rank=rank, world_size=2, seed=0) == 1
+        assert torch.equal(model.features.tables["item"].weight, whole[rank::2])
+        assert torch.equal(model.state_dict()["features.tables.cate.weight"], one.state_dict()["features.tables.cate.weight"])
+        got = opt2.state_dict()["state"][index]
+        assert float(got["step"]) == float(ref["step"]) == 3.0
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got[k], ref[k][rank::2]), k
+
+
+def test_row_sharding_needs_sparse_updates():
+    with pytest.raises(ConfigError, match=r"^train.embedding_sharding: row needs train.embedding_update=sparse or auto, got dense$"):
+        resolve_job(preset="lcn", overrides=["train.embedding_sharding=row", "train.embedding_update=dense"])
+    # auto (the default) with row sharding is sparse, whatever the vocabulary and the worker count.
+    assert resolve_job(preset="lcn", overrides=["train.embedding_sharding=row"]).train.embedding_update == "sparse"
+    with pytest.raises(ConfigError, match="embedding_sharding"):
+        resolve_job(preset="lcn", overrides=["train.embedding_sharding=column"])
+    assert resolve_job(preset="lcn").train.embedding_sharding == "none"

@@ -1,4 +1,4 @@
-"""Ray Train end to end on a local 2-CPU Ray: 1 vs 2 workers, exact metrics, resume, MLflow.
+"""Ray Train end to end on a local 2-CPU Ray: 1 vs 2 workers, exact metrics, resume, MLflow, row-sharded tables.
 
 A training worker lost mid-run and replaced from the last checkpoint: the node-loss run of
 ``tests/test_faults.py`` (its worker goes with its node)."""
@@ -55,20 +55,32 @@ def _reference_metrics(checkpoint: str, data: Path) -> tuple[float, float, np.nd
 
 
 def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_path, capsys):
-    # Two workers, per-worker batch 128, tables trained row-sparse (row-wise Adam, table rows exchanged, DDP over
-    # the dense parameters only); then one worker continues that run from its checkpoint (--resume-from). Each
-    # run's metrics, gathered over the whole test split, must equal sklearn on its own checkpoint's predictions:
-    # with one worker and with two (the ranks' scores gathered).
-    results = {2: run_training(_job(tiny_data, tmp_path, "train.workers=2", "name=w2", "train.embedding_update=sparse"))}
+    # Two workers with row-sharded tables (``train.embedding_sharding=row``: each holds half of the item table and
+    # its row-wise Adam moments, looked up with all_to_all; the smaller tables trained row-sparse, their rows
+    # exchanged; DDP over the dense parameters only); then one worker continues that run from its checkpoint
+    # (--resume-from). Each run's metrics, gathered over the whole test split, must equal sklearn on its own
+    # checkpoint's predictions: with one worker and with two (the ranks' scores gathered).
+    results = {2: run_training(_job(tiny_data, tmp_path, "train.workers=2", "name=w2", "train.embedding_sharding=row"))}
 
     # --resume-from: a new run continues from a given checkpoint (its weights, optimizer and epoch) and trains
-    # only the epochs after it: here the two sparse workers' checkpoint, by one sparse worker (the row-wise
-    # optimizer's state goes through the checkpoint, onto another worker count). (Resuming a run of the same
-    # name from its own checkpoints, as Ray hands them back: the SIGKILL-then-restart sequence of
-    # tests/test_signals.py.)
-    state, _ = load_checkpoint(results[2]["checkpoint"])
+    # only the epochs after it: here the two sharded workers' checkpoint, whole (every table and its row-wise
+    # moments in the unsharded layout), by one unsharded worker (the optimizer's state goes through the
+    # checkpoint onto another worker count). (Resuming a run of the same name from its own checkpoints, as Ray
+    # hands them back: the SIGKILL-then-restart sequence of tests/test_signals.py; whole states taken back by
+    # sharded ranks: tests/test_sharded_embeddings.py.)
+    state, meta = load_checkpoint(results[2]["checkpoint"])
     assert state["epoch"] == results[2]["epoch"]
+    from raylsm.models.layers import Vocab
+
+    vocab_items = Vocab.from_manifest(read_manifest(tiny_data)).item
+    # Every worker's own item tensor held at most this share of the rows (the largest over the workers).
+    assert meta["metrics"]["item_rows_fraction"] == pytest.approx(((vocab_items + 1) // 2) / vocab_items)
     assert len(state["optimizer"]["param_groups"]) == 2  # the row-wise part (tables) and Adam (dense parameters)
+    item = "features.tables.item.weight"
+    assert state["model"][item].shape[0] == vocab_items  # the whole table
+    (moments,) = [s for s in state["optimizer"]["state"].values() if "exp_avg" in s and s["exp_avg"].shape[0] == vocab_items]
+    touched = moments["exp_avg_sq"].abs().sum(1).gt(0).nonzero().squeeze(1)
+    assert touched.numel() > 20 and {0, 1} <= set((touched % 2).tolist())  # ids of both workers' shards moved
     resumed = results[1] = run_training(_job(tiny_data, tmp_path, f"train.epochs={state['epoch'] + 2}",
                                              "train.workers=1", "train.embedding_update=sparse",
                                              "train.early_stop_patience=0", "name=from-ckpt",
@@ -84,7 +96,6 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     history = MlflowClient(tracking_uri=resumed["tracking_uri"]).get_metric_history(resumed["mlflow_run_id"], "test_auc")
     assert [m.step for m in history] == [state["epoch"] + 1]
     state2, _ = load_checkpoint(resumed["checkpoint"])
-    item = "features.tables.item.weight"
     assert state2["epoch"] == state["epoch"] + 1 and len(state2["optimizer"]["param_groups"]) == 2
     assert state2["model"][item].shape == state["model"][item].shape  # the whole table (not sharded)
     assert not torch.equal(state2["model"][item], state["model"][item])  # the resumed run trained the table
@@ -97,7 +108,8 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     for key in ("auc", "gauc", "logloss"):
         assert evaluated[key] == pytest.approx(results[2][key], abs=1e-5)
 
-    # MLflow: params, per-epoch metrics, tags, and a model that reloads and scores a batch.
+    # MLflow: params, per-epoch metrics, tags, and a model that reloads and scores a batch (the sharded run's: its
+    # checkpoint serves in one unsharded process).
     import mlflow
 
     r = results[2]
