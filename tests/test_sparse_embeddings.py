@@ -106,6 +106,29 @@ def test_adam_first_step_identical_and_untouched_rows_never_change():
     assert torch.equal(ws[0], torch.zeros_like(ws[0]))  # the padding row stays zero
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_weight_decay_is_decoupled_and_lazy_on_row_sparse_tables(weight_decay):
+    """``train.weight_decay`` (AdamW's): the touched rows take the same first step dense and sparse; a row no
+    batch touched shrinks by (1 - lr·wd) under dense Adam and keeps its value under sparse; off, it never moves."""
+    lr = 1e-2
+    batch = _batches(1, b=4)
+    dense, sparse = _model(), _model()
+    w0 = dense.features.tables["item"].weight.detach().clone()
+    _losses(dense, build_optimizer(dense, lr, True, "dense", weight_decay), batch)
+    _losses(sparse, build_optimizer(sparse, lr, True, "sparse", weight_decay), batch)
+    b = batch[0]
+    touched = torch.zeros(VOCAB.item, dtype=torch.bool)
+    touched[torch.cat([b["item_id"], b["st_tgt_items"].flatten(), b["st_src_items"].flatten(),
+                       b["ll_items"].flatten()])] = True
+    untouched = ~touched
+    untouched[0] = False  # padding
+    wd, ws = dense.features.tables["item"].weight.detach(), sparse.features.tables["item"].weight.detach()
+    torch.testing.assert_close(ws[touched], wd[touched], rtol=1e-5, atol=1e-7)
+    assert torch.equal(ws[untouched], w0[untouched])
+    torch.testing.assert_close(wd[untouched], w0[untouched] * (1 - lr * weight_decay), rtol=1e-6, atol=0.0)
+    assert torch.equal(wd[untouched], w0[untouched]) == (weight_decay == 0)
+
+
 def test_sparse_optimizer_checkpoint_saves_and_restores(tmp_path):
     job = resolve_job(preset="lap", overrides=["train.embedding_update=sparse"])
     batches = _batches(3)

@@ -59,7 +59,8 @@ def stream_worker(config: dict) -> None:
         model, _ = build_sharded_model(job.model, vocab, world, rank)
     else:
         model = build_model(job.model, vocab)
-    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update)
+    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update,
+                                job.train.weight_decay)
     find_unused = bool(unused_parameters(job, vocab)) if world > 1 else False
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True} if find_unused else None)
     started = time.perf_counter()

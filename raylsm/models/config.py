@@ -300,6 +300,7 @@ class ModelConfig:
 
     lifelong: Literal["din", "sim_soft", "eta", "sdim", "twin", "lap"] = "lap"
     head: list[int] = field(default_factory=lambda: [256, 128])
+    head_dropout: float = 0.0  # dropout after each hidden layer of the head in training; 0 = none (the papers')
     # Short-term target attention over st_tgt and st_src: softmax = a weighted mean of the behaviours
     # (the count of behaviours matching the candidate is lost); sum_scaled = raw scores as weights, / S.
     short_term_pooling: Literal["softmax", "sum_scaled"] = "softmax"
@@ -325,6 +326,8 @@ class ModelConfig:
     peg: PEGConfig = field(default_factory=PEGConfig)
 
     def validate(self) -> None:
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ConfigError(f"model.head_dropout: must be in [0, 1) (0 = none), got {self.head_dropout}")
         if self.msia.enabled and self.context.kind != "tcn":
             raise ConfigError("model.msia.enabled: MSIA stacks TCN layers and needs model.context.kind=tcn")
         if self.peg.enabled and self.context.kind != "tcn":

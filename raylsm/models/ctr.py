@@ -86,7 +86,7 @@ class CTRModel(nn.Module):
         head_in = f.behaviour_dim + f.profile_dim + 2 * f.behaviour_dim + self.lifelong.out_dim + aux_dim
         head_in += 2 * f.behaviour_dim if cfg.head_products else 0
         head_in += len(MATCH_SEQUENCES) * 2 if cfg.match_counts else 0
-        self.head = MLP(head_in, list(cfg.head), out_dim=1)
+        self.head = MLP(head_in, list(cfg.head), out_dim=1, dropout=cfg.head_dropout)
         for m in self.head.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

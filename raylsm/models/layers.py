@@ -96,13 +96,14 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 class MLP(nn.Sequential):
-    """Linear-ReLU stack; the last layer has no activation when ``out_dim`` is given."""
+    """Linear-ReLU stack; the last layer has no activation when ``out_dim`` is given; ``dropout`` > 0 drops
+    each hidden layer's output with that probability in training."""
 
-    def __init__(self, in_dim: int, hidden: list[int], out_dim: int | None = None):
+    def __init__(self, in_dim: int, hidden: list[int], out_dim: int | None = None, dropout: float = 0.0):
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden:
-            layers += [nn.Linear(d, h), nn.ReLU()]
+            layers += [nn.Linear(d, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
             d = h
         if out_dim is not None:
             layers.append(nn.Linear(d, out_dim))

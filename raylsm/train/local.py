@@ -39,7 +39,8 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
     model = build_model(job.model, vocab).to(device)
     if job.train.compile:
         model.compile()
-    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update)
+    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update,
+                                job.train.weight_decay)
 
     def batches(source, size: int, seed: int | None) -> Iterator[dict[str, Tensor]]:
         for b in iter_local_batches(job.data.path, source.split, spec, size, shuffle_seed=seed,

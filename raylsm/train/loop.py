@@ -69,7 +69,8 @@ def train_loop_per_worker(config: dict) -> None:
         model = build_model(job.model, vocab)
     if job.train.compile:
         model.compile()  # in place: the module, its state_dict keys and DDP wrapping stay as they are
-    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update)
+    optimizer = build_optimizer(model, job.train.lr, job.train.fused_adam, job.train.embedding_update,
+                                job.train.weight_decay)
     start_epoch = 0
     resume_dir = None
     if checkpoint is not None:

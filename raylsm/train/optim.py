@@ -175,8 +175,9 @@ class RowAdam(torch.optim.Optimizer):
     three scatters: O(rows touched), not O(vocabulary).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.scratch = RowScratch()
 
     @torch.no_grad()
@@ -208,6 +209,8 @@ class RowAdam(torch.optim.Optimizer):
                 rows = p.index_select(0, idx)  # (N, D)
                 m = state["exp_avg"].index_select(0, idx)  # (N, D)
                 v = state["exp_avg_sq"].index_select(0, idx)  # (N, D)
+                if group.get("weight_decay", 0.0):  # decoupled (AdamW), on the touched rows only
+                    rows.mul_(1.0 - group["lr"] * group["weight_decay"])
                 _adam_rows(rows, g, m, v, state["step"], group["lr"], beta1, beta2, group["eps"])
                 p.index_copy_(0, idx, rows)
                 state["exp_avg"].index_copy_(0, idx, m)
@@ -355,8 +358,13 @@ def resolve_embedding_update(model: nn.Module, embedding_update: EmbeddingUpdate
     return "sparse" if large or sharded_tables(model) else "dense"
 
 
-def build_optimizer(model: nn.Module, lr: float, fused: bool = True,
-                    embedding_update: EmbeddingUpdate = "dense") -> torch.optim.Optimizer | RowSparseOptimizer:
+def _decay(weight_decay: float) -> dict:
+    """Adam's keywords for decoupled weight decay (AdamW's); none at 0, so the update is plain Adam's kernel."""
+    return {"weight_decay": weight_decay, "decoupled_weight_decay": True} if weight_decay else {}
+
+
+def build_optimizer(model: nn.Module, lr: float, fused: bool = True, embedding_update: EmbeddingUpdate = "dense",
+                    weight_decay: float = 0.0) -> torch.optim.Optimizer | RowSparseOptimizer:
     """The optimizer of ``model`` for ``train.embedding_update``; ``fused`` = Adam's fused kernel (``train.fused_adam``).
 
     ``dense``: Adam over every parameter (the fused kernel computes the same update as the default
@@ -364,15 +372,17 @@ def build_optimizer(model: nn.Module, lr: float, fused: bool = True,
     ``sparse``: switches ``model``'s tables to row-sparse gradients (see :func:`use_sparse_gradients`;
     call it before DDP wraps the model) and returns a :class:`RowSparseOptimizer` of Adam (dense
     parameters) and :class:`RowAdam` (tables) with the same learning rate, betas and eps. ``auto``: one of
-    the two by the tables' size (:func:`resolve_embedding_update`).
+    the two by the tables' size (:func:`resolve_embedding_update`). ``weight_decay``: decoupled, as AdamW's
+    (``train.weight_decay``; on the touched rows only for row-sparse tables).
     """
     embedding_update = resolve_embedding_update(model, embedding_update)
     if embedding_update == "dense":
         if sharded_tables(model):
             raise ValueError("train.embedding_sharding: row-sharded tables need train.embedding_update=sparse")
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None, **_decay(weight_decay))
     if embedding_update != "sparse":
         raise ValueError(f"train.embedding_update: must be one of ['auto', 'dense', 'sparse'], got {embedding_update!r}")
     dense, tables = split_parameters(model, sparse_tables=True)
-    return RowSparseOptimizer(torch.optim.Adam(dense, lr=lr, fused=fused or None), RowAdam(tables, lr=lr),
+    return RowSparseOptimizer(torch.optim.Adam(dense, lr=lr, fused=fused or None, **_decay(weight_decay)),
+                              RowAdam(tables, lr=lr, weight_decay=weight_decay),
                               local=[t.weight for _, t in sharded_tables(model)])
