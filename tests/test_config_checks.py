@@ -65,6 +65,9 @@ def _train(argv: list[str], tmp_path: Path, capsys) -> tuple[int, list[str]]:
     ("model.msia.later_cl=-2", "model.msia.later_cl: must be >= 0, got -2"),
     ("model.din.hidden=[80, -1]", "model.din.hidden[1]: must be >= 0, got -1"),
     ("model.lap.pooling=mean", "model.lap.pooling: must be one of ['softmax', 'sum', 'sum_scaled'], got 'mean'"),
+    ("train.weight_decay=-0.1", "train.weight_decay: must be in [0, 1/train.lr) (0 = none), got -0.1"),
+    ("train.weight_decay=400", "train.weight_decay: must be in [0, 1/train.lr) (0 = none), got 400.0"),
+    ("model.head_dropout=1.0", "model.head_dropout: must be in [0, 1) (0 = none), got 1.0"),
 ])
 def test_bad_values_are_one_line_errors(override: str, message: str, tmp_path: Path, capsys):
     code, lines = _train(["--set", override], tmp_path, capsys)

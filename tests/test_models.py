@@ -157,3 +157,22 @@ def test_forward_creates_no_tensor_off_the_input_device(name):
         logits, aux = model(batch)
     assert logits.device.type == "meta" and logits.shape == (4,)
     assert not spy.offenders, spy.offenders
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_head_dropout_acts_in_training_only(dropout, small_vocab, batch_factory):
+    """``model.head_dropout``: a Dropout after each hidden layer of the head; training passes differ, evaluation
+    is deterministic; at 0 there is none and training passes agree."""
+    torch.manual_seed(0)
+    model = build_model(preset_config("lap", {"features": {"emb_dim": 8}, "head": [16, 8], "head_dropout": dropout,
+                                              "lap": {"k1": 8, "k2": 4, "att_dim": 8, "heads": 2, "ffn_dim": 16}}),
+                        small_vocab)
+    drops = [m for m in model.head.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == (2 if dropout else 0) and all(m.p == dropout for m in drops)
+    batch = batch_factory()
+    model.train()
+    first, second = model(batch)[0], model(batch)[0]
+    assert torch.equal(first, second) == (dropout == 0)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batch)[0], model(batch)[0])
