@@ -178,7 +178,6 @@ def test_a_whole_checkpoint_restores_into_each_sharded_rank_with_its_rows_of_the
     """What a sharded worker does when it resumes (``restore_checkpoint`` after ``shard_tables``): weights and
     row-wise Adam moments of the whole item table go back as this rank's rows, the rest whole, step counts kept."""
     from raylsm.train.checkpoint import restore_checkpoint, save_checkpoint
-    from raylsm.train.config import resolve_job
     from raylsm.train.optim import build_optimizer
 
     job = resolve_job(preset="lap", overrides=["train.embedding_update=sparse"])
