@@ -317,6 +317,16 @@ def test_match_counts_are_the_log_counts_of_the_candidates_category_and_item_per
     assert seen[id(on)].shape[1] == seen[id(off)].shape[1] + 6
     assert not off.cfg.match_counts and preset_config("lcn_paper").match_counts is False
     assert preset_config("cain_paper").match_counts is False and preset_config("lap").match_counts is True
+    # Scope short_term: the head reads the short-term sequences' 4 counts; the lifelong sequence's 2 are left out.
+    short = build_model(preset_config("lap", {**small, "match_counts_scope": "short_term"}), small_vocab)
+    assert short.head[0].in_features == off.head[0].in_features + 4
+    short.eval()
+    short.head.register_forward_pre_hook(lambda m, args: seen.__setitem__("short", args[0]))
+    with torch.no_grad():
+        short(batch)
+    torch.testing.assert_close(seen["short"][:, -4:], counts[:, :4])
+    torch.testing.assert_close(match_counts(batch, 2), counts[:, :4])
+    assert preset_config("lap").match_counts_scope == "all"
 
 
 def test_short_term_sum_scaled_keeps_how_many_match():

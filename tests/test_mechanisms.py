@@ -55,7 +55,7 @@ TINY = [
     "model.features.emb_dim=8", "model.head=[32,16]", "model.lap.k1=16", "model.lap.k2=8", "model.lap.att_dim=8",
     "model.lap.heads=2", "model.lap.ffn_dim=16", "model.context.cl=2", "train.batch_size=128", "train.lr=0.005",
     # The head's count inputs read the lifelong sequence too: off, so that the mechanism under test is the
-    # only route to the sequence (cain's preset has them off as well).
+    # only route to the sequence.
     "model.match_counts=false",
 ]
 

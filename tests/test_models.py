@@ -176,3 +176,34 @@ def test_head_dropout_acts_in_training_only(dropout, small_vocab, batch_factory)
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(batch)[0], model(batch)[0])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_match_counts_dropout_zeroes_whole_rows_in_training_only(dropout, small_vocab, batch_factory):
+    """``model.match_counts_dropout``: in training each row's count inputs are zeroed together with that
+    probability (the rest kept as they are, not rescaled); evaluation reads every row's counts; at 0 none is."""
+    from raylsm.models.ctr import match_counts
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("lap", {"features": {"emb_dim": 8}, "head": [16, 8], "match_counts_dropout": dropout,
+                                              "lap": {"k1": 8, "k2": 4, "att_dim": 8, "heads": 2, "ffn_dim": 16}}),
+                        small_vocab)
+    batch = batch_factory(b=64, ll_lengths=[40] * 64)
+    batch["ll_cates"][:, -3:] = batch["item_cate"].unsqueeze(1)  # (left-padded: the last behaviours are real)
+    counts = match_counts(batch)
+    assert counts.abs().sum(1).gt(0).all()  # every row has a count to drop
+    seen: list = []
+    model.head.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, -6:].detach()))
+    model.train()
+    model(batch)
+    kept = seen[-1].eq(counts).all(1)
+    dropped = seen[-1].eq(0).all(1)
+    assert (kept | dropped).all()  # a row keeps all its counts unscaled or loses all of them
+    if dropout:
+        assert 16 <= int(dropped.sum()) <= 48, int(dropped.sum())
+    else:
+        assert kept.all()
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    torch.testing.assert_close(seen[-1], counts)

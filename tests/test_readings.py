@@ -19,7 +19,9 @@ def test_report_pairs_each_preset_with_lap_by_seed_on_every_world_and_control(tm
     with cells.open("w") as f:
         for (preset, world), values in aucs.items():
             for seed, auc in enumerate(values):
-                key = json.dumps(["compact", preset, world, seed, [], [], 4])
+                overrides = [*readings.SIZES["compact"]["set"], f"data.path={tmp_path / world}-ll300", "data.ll_len=300",
+                             "train.epochs=4", f"train.seed={seed}"]
+                key = readings.cell_key("compact", preset, world, seed, [], [], 4, overrides)
                 f.write(json.dumps({"key": key, "preset": preset, "world": world, "seed": seed, "extra": [], "auc": auc,
                                     "last_auc": auc, "best_epoch": 1}) + "\n")
     assert readings.main(["--what", "presets", "--only", "cain", "--only", "lap", "--worlds", "single,single_off",
@@ -30,3 +32,14 @@ def test_report_pairs_each_preset_with_lap_by_seed_on_every_world_and_control(tm
     assert report["presets"]["lap"]["single"]["auc"] == [0.60, 0.58]
     table = (tmp_path / "presets-compact.md").read_text()
     assert "| `cain` | +0.1150 ± 0.0212 | +0.0000 ± 0.0141 |" in table
+
+
+def test_a_cells_key_changes_with_the_config_it_resolves_to():
+    """A cached cell is reused only for the same model and training config: a changed default (here given as an
+    override of the preset's value) is a different key, the same config spelled again is the same key."""
+    base = ["data.path=w", "train.seed=0"]
+    key = readings.cell_key("compact", "cain", "single", 0, [], [], 4, base)
+    assert readings.cell_key("compact", "cain", "single", 0, [], [], 4, list(base)) == key
+    assert readings.cell_key("compact", "cain", "single", 0, [], [], 4, ["data.path=elsewhere", "train.seed=0"]) == key
+    assert readings.cell_key("compact", "cain", "single", 0, [], [], 4, [*base, "model.match_counts_dropout=0"]) != key
+    assert readings.cell_key("compact", "cain", "single", 0, [], [], 4, [*base, "train.lr_decay=0.5"]) != key

@@ -41,7 +41,7 @@ def test_cain_space_searches_the_readings_and_keeps_every_combination_valid():
     space = load_space(ROOT / "tune_spaces/cain.yaml")
     searched = set(space.file.params)
     assert {"model.context.merge", "model.context.input", "model.context.init", "model.lap.pooling",
-            "model.peg.filters", "model.context.cl"} <= searched
+            "model.peg.filters", "model.context.cl", "model.match_counts_dropout"} <= searched
     job = trial_job(space, {"peg": "concat", "model.context.merge": "replace", "model.context.cl": 9}, [])
     assert job.model.peg.enabled and job.model.peg.aggregation == "concat" and job.model.context.merge == "replace"
     job = trial_job(space, {"peg": "sum", "model.peg.filters": "full", "model.context.cl": 15}, [])

@@ -21,7 +21,8 @@ validation-chosen epoch of :func:`raylsm.train.loop.fit_local`; its test AUC/GAU
 row gives, per world, Δ test AUC of the alternative over the preset's default, mean ± sd over the seeds
 (paired by seed). ``presets`` gives each preset's test AUC mean ± sd per world, and the best
 single-feature baseline (a count of the candidate's category in one sequence) for reference.
-Cells are cached in ``<out>/cells.jsonl`` (a rerun only trains what is missing); they run ``--jobs`` at a
+Cells are cached in ``<out>/cells.jsonl`` (a rerun only trains what is missing; a cell's key holds a digest of
+the model and training config it resolves to, so a changed default trains it again); they run ``--jobs`` at a
 time in subprocesses. The table is printed on stderr and written to ``<out>/<what>.md``; the last stdout
 line is the JSON with every cell.
 """
@@ -68,7 +69,9 @@ READINGS: list[tuple[str, str, list[str]]] = [
     ("model.match_counts", "lap", ["false"]),
     ("model.match_counts", "din", ["false"]),
     ("model.match_counts", "lcn", ["false"]),
-    ("model.match_counts", "cain", ["true"]),
+    ("model.match_counts", "cain", ["false"]),
+    ("model.match_counts_dropout", "cain", ["0.0"]),
+    ("model.match_counts_scope", "cain", ["short_term"]),
     ("train.lr", "lap", ["0.001"]),
     ("model.lap.pooling", "lap", ["sum_scaled"]),
     ("model.lap.score_grad", "lap", ["msa"]),
@@ -113,6 +116,21 @@ def make_world(out: Path, name: str, ll_len: int) -> Path:
         print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return path
+
+
+def cell_key(size: str, preset: str, world: str, seed: int, sets: list[str], extra: list[str], epochs: int,
+             overrides: list[str]) -> str:
+    """A cell's cache key: what the command asked for, and a digest of the model and training config it resolves
+    to, so that a cell trained before a preset's default changed is trained again, not reused."""
+    import dataclasses
+    import hashlib
+
+    from raylsm.train.config import resolve_job
+
+    job = resolve_job(preset=preset, overrides=overrides)
+    config = json.dumps({"model": dataclasses.asdict(job.model), "train": dataclasses.asdict(job.train)},
+                        sort_keys=True, default=str)
+    return json.dumps([size, preset, world, seed, sets, extra, epochs, hashlib.sha256(config.encode()).hexdigest()[:16]])
 
 
 def run_cell(preset: str, overrides: list[str], threads: int) -> dict:
@@ -206,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seeds):
                 overrides = [*size["set"], f"data.path={paths[w]}", f"data.ll_len={size['ll_len']}",
                              f"train.epochs={args.epochs}", *args.overrides, *extra, f"train.seed={seed}"]
-                key = json.dumps([args.size, preset, w, seed, list(args.overrides), list(extra), args.epochs])
+                key = cell_key(args.size, preset, w, seed, list(args.overrides), list(extra), args.epochs, overrides)
                 cells.append((key, preset, w, seed, extra, overrides))
     todo = sorted((c for c in cells if c[0] not in cache), key=lambda c: c[3])  # seed 0 of every cell first
     if args.report_only:

@@ -311,8 +311,16 @@ class ModelConfig:
     # The head's input also holds log(1 + n) for the number of behaviours in st_tgt, st_src and the lifelong
     # sequence whose category (and whose item) is the candidate's: 6 scalars read from the ids, the "how
     # often did this user act on this" that a weighted mean of embeddings cannot carry. A project reading,
-    # not the papers' (their "other features"); off in ``cain`` (measured) and the ``*_paper`` presets.
+    # not the papers' (their "other features"); off in the ``*_paper`` presets.
     match_counts: bool = True
+    # Which sequences ``match_counts`` counts in: all = st_tgt, st_src and the lifelong sequence (6 scalars);
+    # short_term = st_tgt and st_src only (4), so the lifelong sequence's worth reaches the head only through
+    # the lifelong module (where CAIN's context encoder weights each behaviour by its neighbours' engagement).
+    match_counts_scope: Literal["all", "short_term"] = "all"
+    # In training, the count inputs of each row are zeroed with this probability (all of a row's together, not
+    # rescaled: in evaluation every row has them), so the model cannot lean on the counts alone and the
+    # sequence modules keep learning what the counts do not say; 0 = off.
+    match_counts_dropout: float = 0.0
     features: FeatureConfig = field(default_factory=FeatureConfig)
     din: DinConfig = field(default_factory=DinConfig)
     sim_soft: SimConfig = field(default_factory=SimConfig)
@@ -326,6 +334,8 @@ class ModelConfig:
     peg: PEGConfig = field(default_factory=PEGConfig)
 
     def validate(self) -> None:
+        if not 0.0 <= self.match_counts_dropout < 1.0:
+            raise ConfigError(f"model.match_counts_dropout: must be in [0, 1) (0 = off), got {self.match_counts_dropout}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"model.head_dropout: must be in [0, 1) (0 = none), got {self.head_dropout}")
         if self.msia.enabled and self.context.kind != "tcn":
@@ -355,7 +365,10 @@ PRESETS: dict[str, dict] = {
     "cain": {
         "lifelong": "lap",
         "lap": {"pooling": "sum_scaled"},
-        "match_counts": False,
+        # The count inputs, dropped for half the rows in training: without the dropout they cost 0.093 AUC in
+        # one item space (the run stops on the count before the context encoder learns), without the counts
+        # 0.027-0.033 in the cross-domain worlds (docs/experiments.md, "Readings").
+        "match_counts_dropout": 0.5,
         "context": {"kind": "tcn", "cl": 3, "merge": "context", "input": "context", "init": "box"},
         "msia": {"enabled": True},
         "peg": {"enabled": True, "filters": "depthwise"},

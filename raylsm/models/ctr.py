@@ -42,14 +42,15 @@ MATCH_SEQUENCES = (("st_tgt_items", "st_tgt_cates", "st_tgt_mask"), ("st_src_ite
                    ("ll_items", "ll_cates", "ll_mask"))
 
 
-def match_counts(batch: dict[str, Tensor]) -> Tensor:
-    """log(1 + n) of the behaviours whose category, then whose item, is the candidate's, per sequence: (B, 6).
+def match_counts(batch: dict[str, Tensor], sequences: int = len(MATCH_SEQUENCES)) -> Tensor:
+    """log(1 + n) of the behaviours whose category, then whose item, is the candidate's, in each of the first
+    ``sequences`` of :data:`MATCH_SEQUENCES`: (B, 2 * sequences).
 
     Read from the ids (exact, no embedding); the padding never counts (masked out).
     """
     item, cate = batch["item_id"].unsqueeze(1), batch["item_cate"].unsqueeze(1)  # (B, 1)
     counts = []
-    for items, cates, mask in MATCH_SEQUENCES:
+    for items, cates, mask in MATCH_SEQUENCES[:sequences]:
         m = batch[mask]  # (B, S) or (B, L)
         counts.append(((batch[cates] == cate) & m).sum(1))
         counts.append(((batch[items] == item) & m).sum(1))
@@ -85,7 +86,9 @@ class CTRModel(nn.Module):
         aux_dim = self.context_encoder.aux_dim if self.context_encoder is not None else 0
         head_in = f.behaviour_dim + f.profile_dim + 2 * f.behaviour_dim + self.lifelong.out_dim + aux_dim
         head_in += 2 * f.behaviour_dim if cfg.head_products else 0
-        head_in += len(MATCH_SEQUENCES) * 2 if cfg.match_counts else 0
+        # The sequences the count inputs read: all three, or the two short-term ones.
+        self.match_sequences = len(MATCH_SEQUENCES) - (cfg.match_counts_scope == "short_term") if cfg.match_counts else 0
+        head_in += 2 * self.match_sequences
         self.head = MLP(head_in, list(cfg.head), out_dim=1, dropout=cfg.head_dropout)
         for m in self.head.modules():
             if isinstance(m, nn.Linear):
@@ -165,8 +168,12 @@ class CTRModel(nn.Module):
         if self.cfg.head_products:  # cand ⊙ short-term interests: their sums are the match scores
             parts.append(cand.unsqueeze(1).mul(short.view(short.shape[0], 2, -1)).flatten(1))  # (B, 4D)
 
-        if self.cfg.match_counts:
-            parts.append(match_counts(batch).to(parts[0].dtype))  # (B, 6)
+        if self.match_sequences:
+            counts = match_counts(batch, self.match_sequences).to(parts[0].dtype)  # (B, 6) or (B, 4)
+            if self.training and self.cfg.match_counts_dropout > 0:  # a row's counts zeroed together
+                keep = torch.rand(counts.shape[0], 1, device=counts.device) >= self.cfg.match_counts_dropout
+                counts = counts * keep.to(counts.dtype)
+            parts.append(counts)
 
         # 5. Head -> logits.
         logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
