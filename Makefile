@@ -26,9 +26,10 @@ demo: install
 	$(PY) -m jobs.demo
 
 # The project's own modules compiled first (a fraction of a second), for the same reason as at install.
+# The slowest tests are listed at the end of every run (docs/test-times.md follows them).
 test: install
 	$(PY) -m compileall -q raylsm jobs tests
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=12
 
 # Everything that runs without starting Ray and without a long training (the `ray` and `slow` markers;
 # tests/conftest.py marks the Ray fixtures' users too).

@@ -142,8 +142,10 @@ def test_mlflow_store_lost_mid_run_training_goes_on_and_record_is_reconciled(ray
 
     watcher = threading.Thread(target=break_then_mend)
     watcher.start()
-    # early stopping off: the run must reach an epoch after the outage whatever its validation AUC does
-    result = run_training(_job(fault_data, tmp_path, "train.epochs=3", "train.early_stop_patience=0", "name=outage"))
+    # early stopping off: the run must reach an epoch after the outage whatever its validation AUC does. The run
+    # also rolls back each epoch without a better validation AUC (train.on_plateau), checked through its lr.
+    result = run_training(_job(fault_data, tmp_path, "train.epochs=3", "train.early_stop_patience=0", "name=outage",
+                               "train.on_plateau=rollback", "train.plateau_lr_factor=0.5"))
     watcher.join()
     assert outage == ["away", "back"]
     client = MlflowClient(tracking_uri=result["tracking_uri"])
@@ -152,6 +154,12 @@ def test_mlflow_store_lost_mid_run_training_goes_on_and_record_is_reconciled(ray
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]  # epoch 1 logged after the outage
     stamps = {m.step: m.timestamp for m in history}
     assert stamps[0] < stamps[1] < stamps[2]  # each epoch keeps the time it was measured
+    # The rate each epoch trained at: halved after each epoch without a better validation AUC, else kept.
+    series = {name: {m.step: m.value for m in client.get_metric_history(result["mlflow_run_id"], name)}
+              for name in ("lr", "epochs_since_best")}
+    assert series["lr"][0] == pytest.approx(0.005)
+    for e in (1, 2):
+        assert series["lr"][e] == pytest.approx(series["lr"][e - 1] * (0.5 if series["epochs_since_best"][e - 1] else 1.0))
 
 
 # ----------------------------------------------------------------------------- a stopped run

@@ -33,3 +33,62 @@ def test_lr_decay_is_checked():
         resolve_job(preset="lap", overrides=["train.lr_decay=.nan"])
     with pytest.raises(Exception, match=r"train.lr_decay: must be in \(0, 1\]"):
         resolve_job(preset="lap", overrides=["train.lr_decay=1.5"])
+
+
+def _trained_step(model, opt, seed: int) -> None:
+    torch.manual_seed(seed)
+    opt.zero_grad()
+    model(torch.randn(8, 3)).pow(2).mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("rollback", [True, False], ids=["rollback", "continue"])
+def test_an_epoch_without_a_better_val_auc_is_rolled_back_and_the_rate_lowered(rollback):
+    """``train.on_plateau``: rollback restores the best epoch's weights and Adam moments and multiplies the rate by
+    ``plateau_lr_factor``; continue leaves the epoch's weights and the rate as they are."""
+    from raylsm.train.step import BestState
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+    best = BestState(rollback, 0.1)
+    _trained_step(model, opt, 0)
+    assert best.after_epoch(model, opt, {"val_auc": 0.7, "epochs_since_best": 0}) is None  # the best epoch: kept
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    kept_moment = opt.state[model[0].weight]["exp_avg"].clone()
+    _trained_step(model, opt, 1)  # an epoch that over-fits
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(after["0.weight"], kept["0.weight"])
+    what = best.after_epoch(model, opt, {"val_auc": 0.6, "epochs_since_best": 1})
+    if rollback:
+        assert what.startswith("the best epoch's model and optimizer state restored, rate x0.1")
+        assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+        assert torch.equal(opt.state[model[0].weight]["exp_avg"], kept_moment)
+        assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.0003)]
+        _trained_step(model, opt, 2)  # the optimizer still drives the restored parameters
+        assert not torch.equal(model.state_dict()["0.weight"], kept["0.weight"])
+    else:
+        assert what is None and all(torch.equal(v, after[k]) for k, v in model.state_dict().items())
+        assert [g["lr"] for g in opt.param_groups] == [0.003]
+    # No validation split: nothing to compare, nothing done.
+    assert best.after_epoch(model, opt, {"auc": 0.6}) is None
+
+
+def test_a_process_without_the_best_state_lowers_the_rate_without_restoring():
+    from raylsm.train.step import BestState
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    before = model.weight.detach().clone()
+    what = BestState(True, 0.5).after_epoch(model, opt, {"val_auc": 0.6, "epochs_since_best": 1})
+    assert what.startswith("rate x0.5 without restoring") and opt.param_groups[0]["lr"] == pytest.approx(0.005)
+    assert torch.equal(model.weight, before)
+
+
+def test_on_plateau_is_checked():
+    assert resolve_job(preset="lap").train.on_plateau == "continue"
+    with pytest.raises(Exception, match="train.on_plateau=rollback: needs train.early_stop_patience 0 or >= 2"):
+        resolve_job(preset="lap", overrides=["train.on_plateau=rollback"])
+    job = resolve_job(preset="lap", overrides=["train.on_plateau=rollback", "train.early_stop_patience=2"])
+    assert job.train.on_plateau == "rollback" and job.train.plateau_lr_factor == 0.1
+    with pytest.raises(Exception, match=r"train.plateau_lr_factor: must be in \(0, 1\]"):
+        resolve_job(preset="lap", overrides=["train.plateau_lr_factor=0"])

@@ -87,6 +87,13 @@ class TrainConfig:
     # The learning rate is multiplied by this after every epoch (1 = constant, the papers'): a lower rate in
     # the epochs after the presets' early peak. Saved with the optimizer, so a resumed run continues it.
     lr_decay: float = 1.0
+    # What an epoch without a better validation AUC leaves behind: continue = its weights, training goes on from
+    # them (until early stopping); rollback = the best epoch's weights and optimizer state are restored and the
+    # rate multiplied by plateau_lr_factor, so the next epoch fine-tunes the best model instead of the over-fitted
+    # one (needs early_stop_patience 0 or >= 2). Kept in memory (a CPU copy of this worker's model and optimizer
+    # state); a worker restarted from a checkpoint that is not the best lowers the rate without restoring.
+    on_plateau: Literal["continue", "rollback"] = "continue"
+    plateau_lr_factor: float = 0.1
     # Decoupled weight decay (AdamW's): every step each parameter is multiplied by (1 - lr * weight_decay) before
     # Adam's update; 0 = none (the papers'). With row-sparse tables only the rows a step touched decay.
     weight_decay: float = 0.0
@@ -115,6 +122,11 @@ class TrainConfig:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError(f"train.lr_decay: must be in (0, 1] (1 = constant), got {self.lr_decay}")
+        if not 0.0 < self.plateau_lr_factor <= 1.0:
+            raise ConfigError(f"train.plateau_lr_factor: must be in (0, 1], got {self.plateau_lr_factor}")
+        if self.on_plateau == "rollback" and self.early_stop_patience == 1:
+            raise ConfigError("train.on_plateau=rollback: needs train.early_stop_patience 0 or >= 2 (at 1 the run stops "
+                              "at the first epoch without a better validation AUC, before any rollback)")
         if not 0.0 <= self.weight_decay < 1.0 / self.lr:
             raise ConfigError(f"train.weight_decay: must be in [0, 1/train.lr) (0 = none), got {self.weight_decay}")
         if self.cpus_per_worker <= 0:

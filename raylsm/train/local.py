@@ -18,7 +18,7 @@ from raylsm.models.ctr import build_model
 from raylsm.train.config import JobConfig
 from raylsm.train.metrics import evaluate_arrays
 from raylsm.train.optim import build_optimizer
-from raylsm.train.step import EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unwrap
+from raylsm.train.step import BestState, EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unwrap
 
 
 def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.Module, list[dict]]:
@@ -53,8 +53,9 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
 
     history: list[dict] = []
     stopper = EarlyStopping(job.train.early_stop_patience)
-    best_state: dict | None = None
+    best = BestState(job.train.on_plateau == "rollback", job.train.plateau_lr_factor)
     for epoch in range(job.train.epochs):
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
         stats = train_epoch(model, optimizer, batches(plan.train, job.train.batch_size, job.train.seed + epoch),
                             device, max_steps=job.train.max_steps_per_epoch, bf16=job.train.bf16)
         decay_lr(optimizer, job.train.lr_decay)
@@ -62,17 +63,18 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
         if plan.val is not None:
             metrics.update({f"val_{k}": v for k, v in scores(plan.val).items()})
         metrics.update(epoch=epoch, train_loss=stats.train_loss, crp_loss=stats.crp_loss,
-                       samples_per_s=stats.rows / max(stats.seconds, 1e-9), train_rows=stats.rows)
+                       samples_per_s=stats.rows / max(stats.seconds, 1e-9), train_rows=stats.rows, lr=lr)
         stop = stopper.update(metrics)
-        if plan.val is not None and metrics["epochs_since_best"] == 0:
-            best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
         history.append(metrics)
         if progress:
             print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}), file=sys.stderr)
         if stop:
             break
-    if best_state is not None:
-        unwrap(model).load_state_dict(best_state)
+        what = best.after_epoch(unwrap(model), optimizer, metrics)  # train.on_plateau=rollback
+        if what and progress:
+            print(f"epoch {epoch}: no better val_auc; {what}", file=sys.stderr)
+    if plan.val is not None and metrics["epochs_since_best"] > 0 and best.best is not None:
+        unwrap(model).load_state_dict(best.best[0])
     return model, history
 
 

@@ -35,7 +35,7 @@ from raylsm.train.config import JobConfig
 from raylsm.train.epoch_log import rank_zero_logger, system_metrics
 from raylsm.train.metrics import evaluate_arrays, gather_arrays
 from raylsm.train.optim import build_optimizer
-from raylsm.train.step import EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unused_parameters, unwrap
+from raylsm.train.step import BestState, EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unused_parameters, unwrap
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -98,7 +98,12 @@ def train_loop_per_worker(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     test_shard = ray.train.get_dataset_shard("test")
     selection = EarlyStopping(job.train.early_stop_patience, previous_metrics(resume_dir))
+    # train.on_plateau=rollback: the best epoch's state in memory (a resumed run's, when its checkpoint is the best).
+    best = BestState(True, job.train.plateau_lr_factor) if job.train.on_plateau == "rollback" else None
+    if best is not None and resume_dir is not None and selection.since == 0 and selection.best > float("-inf"):
+        best.keep(unwrap(model), optimizer)
     for epoch in range(start_epoch, job.train.epochs):
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains at (lr_decay and rollbacks included)
         with tqdm(desc=f"epoch {epoch}", unit=" rows", disable=rank != 0, file=sys.stderr, mininterval=10) as bar:
             stats = train_epoch(
                 model,
@@ -124,6 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
             crp_loss=stats.crp_loss,
             samples_per_s=rows / max(seconds, 1e-9),
             train_rows=rows,
+            lr=lr,
         )
         if job.train.embedding_sharding == "row":  # the largest share of the item rows a worker's own tensor holds
             metrics["item_rows_fraction"] = _max_over_workers(local_fraction(unwrap(model)), device)
@@ -146,6 +152,9 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 print(f"early stop after epoch {epoch}: no better val_auc for {job.train.early_stop_patience} epochs", file=sys.stderr)
             break
+        what = best.after_epoch(unwrap(model), optimizer, metrics) if best is not None else None
+        if what and rank == 0:
+            print(f"epoch {epoch}: no better val_auc; {what}", file=sys.stderr)
     if logger is not None:
         logger.finish()
     if monitor is not None:

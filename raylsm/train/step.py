@@ -144,6 +144,57 @@ class EarlyStopping:
         return bool(self.patience) and self.since >= self.patience
 
 
+class BestState:
+    """A CPU copy of the best epoch's model and optimizer state; with ``rollback`` (``train.on_plateau``), after an
+    epoch without a better validation AUC that state comes back and the learning rate is multiplied by ``factor``.
+
+    ``after_epoch`` runs once the epoch's metrics went through :class:`EarlyStopping` (``epochs_since_best``) and
+    its checkpoint was written. The copy is of this process's model (its own rows of a sharded table) and
+    optimizer; every rank takes the same decision from the same gathered metrics.
+    """
+
+    def __init__(self, rollback: bool = False, factor: float = 0.1):
+        self.rollback, self.factor = rollback, factor
+        self.best: tuple[dict, dict] | None = None
+
+    def keep(self, model: nn.Module, optimizer) -> None:
+        """Copy ``model``'s and ``optimizer``'s state as the best epoch's."""
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.best = (weights, _to_cpu(optimizer.state_dict()))
+
+    def after_epoch(self, model: nn.Module, optimizer, metrics: dict) -> str | None:
+        """Keep the state of a best epoch; after one without a better validation AUC (with ``rollback``), restore the
+        best and lower the rate. Returns what it did to such an epoch, in words (the rate lowered without restoring
+        when this process holds no best state: a worker restarted from a checkpoint that was not the best); else None."""
+        if "val_auc" not in metrics:
+            return None
+        if metrics["epochs_since_best"] == 0:
+            self.keep(model, optimizer)
+            return None
+        if not self.rollback:
+            return None
+        rates = [g["lr"] * self.factor for g in optimizer.param_groups]
+        what = f"rate x{self.factor:g} without restoring (no best state in this process: restarted from a later checkpoint)"
+        if self.best is not None:
+            model.load_state_dict(self.best[0])
+            optimizer.load_state_dict(self.best[1])  # (torch moves the moments next to their parameters)
+            what = f"the best epoch's model and optimizer state restored, rate x{self.factor:g}"
+        for group, lr in zip(optimizer.param_groups, rates):
+            group["lr"] = lr
+        return what
+
+
+def _to_cpu(tree):
+    """A copy of a state dict's tree with every tensor on the CPU."""
+    if isinstance(tree, Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
 def unused_parameters(job: JobConfig, vocab: Vocab) -> list[str]:
     """Names of the parameters that the model of ``job`` never uses to compute its loss.
 
