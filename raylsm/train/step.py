@@ -155,12 +155,12 @@ class BestState:
 
     def __init__(self, rollback: bool = False, factor: float = 0.1):
         self.rollback, self.factor = rollback, factor
-        self.best: tuple[dict, dict] | None = None
+        self.best: tuple[dict, dict | None] | None = None
 
     def keep(self, model: nn.Module, optimizer) -> None:
-        """Copy ``model``'s and ``optimizer``'s state as the best epoch's."""
+        """Copy ``model``'s state (and with ``rollback`` ``optimizer``'s) as the best epoch's."""
         weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        self.best = (weights, _to_cpu(optimizer.state_dict()))
+        self.best = (weights, _to_cpu(optimizer.state_dict()) if self.rollback else None)
 
     def after_epoch(self, model: nn.Module, optimizer, metrics: dict) -> str | None:
         """Keep the state of a best epoch; after one without a better validation AUC (with ``rollback``), restore the
