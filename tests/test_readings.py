@@ -30,6 +30,13 @@ def test_report_pairs_each_preset_with_lap_by_seed_on_every_world_and_control(tm
     gains = report["over_lap"]["cain"]
     assert gains["single"] == pytest.approx([0.10, 0.13]) and gains["single_off"] == pytest.approx([0.01, -0.01])
     assert report["presets"]["lap"]["single"]["auc"] == [0.60, 0.58]
+    # The generator's references beside the single features: one AUC per count set, the short-term target
+    # sequence empty in one item space (no signal), the lifelong counts above chance.
+    from raylsm.data.effects import ROWS, effect_aucs
+
+    refs = report["hidden_interest_counts"]["single"]
+    assert list(refs) == list(ROWS) and refs == pytest.approx(effect_aucs(tmp_path / "single-ll300"))
+    assert refs["st"] == 0.5 and refs["st+ll+own+nb"] > 0.5
     table = (tmp_path / "presets-compact.md").read_text()
     assert "| `cain` | +0.1150 ± 0.0212 | +0.0000 ± 0.0141 |" in table
 

@@ -81,6 +81,10 @@ READINGS: list[tuple[str, str, list[str]]] = [
     ("train.lr_decay", "cain", ["0.1"]),
     ("train.lr_decay", "lap", ["1.0", "0.3"]),
     ("train.lr_decay", "din", ["1.0"]),
+    ("train.lr_decay", "sim_soft", ["1.0"]),
+    ("train.lr_decay", "eta", ["1.0"]),
+    ("train.lr_decay", "sdim", ["1.0"]),
+    ("train.lr_decay", "twin", ["1.0"]),
     ("train.weight_decay", "lap", ["1.0", "3.0"]),
     ("model.head_dropout", "lap", ["0.3"]),
     ("model.crp.tau", "lcn", ["0.1"]),
@@ -282,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         report["single_feature"] = base
         lines.append("| best single feature | " + " | ".join(
             f"{max(base[w].values()):.4f} ({max(base[w], key=base[w].get)})" for w in worlds) + " |")
+        # What the planted effects are worth: logistic regressions on counts only the generator can make
+        # (raylsm.data.effects), e.g. "st" = the short-term target behaviours of the candidate's hidden interest.
+        from raylsm.data.effects import ROWS, effect_aucs
+
+        refs = {w: effect_aucs(paths[w]) for w in worlds}
+        report["hidden_interest_counts"] = refs
+        lines.append("| generator's hidden-interest counts (" + " / ".join(ROWS) + ") | " + " | ".join(
+            " / ".join(f"{refs[w][r]:.3f}" for r in ROWS) for w in worlds) + " |")
         lines.append("")
         # Each preset against the plain pyramid, paired by seed: what its mechanism adds in each world.
         if "lap" in names and len(names) > 1:

@@ -32,10 +32,17 @@ class FeatureConfig:
     # so dot-product retrieval starts flat); normal = N(0, emb_std²) for every table alike.
     emb_init: Literal["xavier", "normal"] = "xavier"
     emb_std: float = 0.1
+    # In training, each item id (the candidate's and every sequence's) is replaced by the padding id with this
+    # probability: its embedding half reads zeros and the category half carries the behaviour, so the model
+    # learns what categories share an interest before the item rows memorise the training labels; evaluation
+    # reads every id. The count inputs always count the real ids. 0 = off (the papers').
+    item_dropout: float = 0.0
 
     def validate(self) -> None:
         if self.emb_dim < 1:
             raise ConfigError(f"model.features.emb_dim: must be >= 1, got {self.emb_dim}")
+        if not 0.0 <= self.item_dropout < 1.0:
+            raise ConfigError(f"model.features.item_dropout: must be in [0, 1) (0 = off), got {self.item_dropout}")
         if self.emb_std <= 0:
             raise ConfigError(f"model.features.emb_std: must be > 0, got {self.emb_std}")
         if self.hash_buckets < 0 or self.hash_buckets == 1:

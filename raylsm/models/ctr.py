@@ -57,6 +57,19 @@ def match_counts(batch: dict[str, Tensor], sequences: int = len(MATCH_SEQUENCES)
     return torch.log1p(torch.stack(counts, dim=1).float())  # (B, 6)
 
 
+# The item-id columns ``features.item_dropout`` drops in training (the category columns stay).
+ITEM_COLUMNS = ("item_id", "st_tgt_items", "st_src_items", "ll_items")
+
+
+def drop_item_ids(batch: dict[str, Tensor], p: float) -> dict[str, Tensor]:
+    """``batch`` with each item id of :data:`ITEM_COLUMNS` replaced by the padding id 0 with probability ``p``."""
+    out = dict(batch)
+    for name in ITEM_COLUMNS:
+        ids = batch[name]
+        out[name] = ids.masked_fill(torch.rand(ids.shape, device=ids.device) < p, 0)
+    return out
+
+
 class CTRModel(nn.Module):
     """A lifelong-sequence CTR model assembled from a :class:`ModelConfig`."""
 
@@ -109,6 +122,9 @@ class CTRModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         f = self.features
+        ids = batch  # the ids as they are: what the count inputs count
+        if self.training and self.cfg.features.item_dropout > 0:
+            batch = drop_item_ids(batch, self.cfg.features.item_dropout)
         # 1. Embeddings.
         cand = f.behaviour(batch["item_id"], batch["item_cate"])  # (B, 2D)
         profile = f.profile(batch["profile"])  # (B, P*D)
@@ -169,7 +185,7 @@ class CTRModel(nn.Module):
             parts.append(cand.unsqueeze(1).mul(short.view(short.shape[0], 2, -1)).flatten(1))  # (B, 4D)
 
         if self.match_sequences:
-            counts = match_counts(batch, self.match_sequences).to(parts[0].dtype)  # (B, 6) or (B, 4)
+            counts = match_counts(ids, self.match_sequences).to(parts[0].dtype)  # (B, 6) or (B, 4)
             if self.training and self.cfg.match_counts_dropout > 0:  # a row's counts zeroed together
                 keep = torch.rand(counts.shape[0], 1, device=counts.device) >= self.cfg.match_counts_dropout
                 counts = counts * keep.to(counts.dtype)

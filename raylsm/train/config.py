@@ -24,12 +24,13 @@ from raylsm.config import ConfigError, apply_overrides, from_dict, load_yaml, me
 from raylsm.models.config import PRESETS, ModelConfig
 
 # Training readings that belong to a preset (merged under the job file's ``train`` block): the papers'
-# literal presets keep the papers' learning rate. ``lap`` and ``din`` peak after their first epoch and then
-# over-fit; at lr_decay 0.1 their later epochs fine-tune instead (no loss at the chosen epoch; the last within the
-# seed spread of it at the compact size, a third of the loss at a larger one), where ``lcn`` and ``cain`` keep
-# learning for 2-4 epochs at the full rate and lose 0.01-0.11 with it (docs/experiments.md, "Readings").
+# literal presets keep the papers' learning rate. ``lap``, ``din`` and the retrieval baselines peak after their
+# first epoch and then over-fit; at lr_decay 0.1 their later epochs fine-tune instead (no loss at the chosen epoch
+# beyond the seed spread; the last epoch 0.000-0.007 behind it instead of 0.010-0.021 at the compact size, a third
+# of the loss at a larger one), where ``lcn`` and ``cain`` keep learning for 2-4 epochs at the full rate and lose
+# 0.01-0.11 with it (docs/experiments.md, "Readings").
 PRESET_TRAIN: dict[str, dict] = {"lcn_paper": {"lr": 1e-3}, "cain_paper": {"lr": 1e-3},
-                                 "lap": {"lr_decay": 0.1}, "din": {"lr_decay": 0.1}}
+                                 **{name: {"lr_decay": 0.1} for name in ("lap", "din", "sim_soft", "eta", "sdim", "twin")}}
 
 
 @dataclass
