@@ -69,6 +69,7 @@ def _train(argv: list[str], tmp_path: Path, capsys) -> tuple[int, list[str]]:
     ("train.weight_decay=400", "train.weight_decay: must be in [0, 1/train.lr) (0 = none), got 400.0"),
     ("model.head_dropout=1.0", "model.head_dropout: must be in [0, 1) (0 = none), got 1.0"),
     ("model.match_counts_dropout=-0.5", "model.match_counts_dropout: must be in [0, 1) (0 = off), got -0.5"),
+    ("model.features.item_dropout=1", "model.features.item_dropout: must be in [0, 1) (0 = off), got 1.0"),
 ])
 def test_bad_values_are_one_line_errors(override: str, message: str, tmp_path: Path, capsys):
     code, lines = _train(["--set", override], tmp_path, capsys)

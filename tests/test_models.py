@@ -12,7 +12,7 @@ from raylsm.models.registry import preset_config
 from raylsm.models.config import PRESETS
 from tests.conftest import SMALL_VOCAB, OffMetaSpy, make_batch
 
-SMALL = {"features": {"emb_dim": 8}, "head": [16, 8], "lap": {"k1": 12, "k2": 6, "att_dim": 8, "heads": 2, "ffn_dim": 16},
+SMALL = {"features": {"emb_dim": 8, "item_dropout": 0.0}, "head": [16, 8], "lap": {"k1": 12, "k2": 6, "att_dim": 8, "heads": 2, "ffn_dim": 16},
          "sim_soft": {"k": 12, "att_dim": 8}, "eta": {"k": 12, "att_dim": 8, "n_bits": 16}, "twin": {"k": 12, "att_dim": 8},
          "sdim": {"n_hashes": 4, "n_bits": 2}, "din": {"max_len": 20, "hidden": [8]}, "crp": {"m": 32},
          "msia": {"att_dim": 8}, "peg": {"hidden": 8}, "context": {"out_dim": 16}}
@@ -164,7 +164,7 @@ def test_head_dropout_acts_in_training_only(dropout, small_vocab, batch_factory)
     """``model.head_dropout``: a Dropout after each hidden layer of the head; training passes differ, evaluation
     is deterministic; at 0 there is none and training passes agree."""
     torch.manual_seed(0)
-    model = build_model(preset_config("lap", {"features": {"emb_dim": 8}, "head": [16, 8], "head_dropout": dropout,
+    model = build_model(preset_config("lap", {"features": {"emb_dim": 8, "item_dropout": 0.0}, "head": [16, 8], "head_dropout": dropout,
                                               "lap": {"k1": 8, "k2": 4, "att_dim": 8, "heads": 2, "ffn_dim": 16}}),
                         small_vocab)
     drops = [m for m in model.head.modules() if isinstance(m, torch.nn.Dropout)]
@@ -207,3 +207,38 @@ def test_match_counts_dropout_zeroes_whole_rows_in_training_only(dropout, small_
     with torch.no_grad():
         model(batch)
     torch.testing.assert_close(seen[-1], counts)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_item_dropout_drops_item_ids_in_training_only_and_the_counts_read_the_real_ids(dropout, small_vocab, batch_factory):
+    """``model.features.item_dropout``: in training each item id (candidate and sequences) becomes the padding id
+    with that probability, categories untouched; evaluation reads every id; the count inputs count the real ids."""
+    from raylsm.models.ctr import ITEM_COLUMNS, drop_item_ids, match_counts
+
+    torch.manual_seed(0)
+    batch = batch_factory(b=64, ll_lengths=[40] * 64)
+    batch["ll_items"][:, -3:] = batch["item_id"].unsqueeze(1)  # item matches for the count inputs to count
+    dropped = drop_item_ids(batch, 0.5)
+    for name in ITEM_COLUMNS:
+        real = batch[name] > 0
+        gone = real & dropped[name].eq(0)
+        assert 0.4 < float(gone.sum() / real.sum()) < 0.6, name  # about half of the real ids
+        assert torch.equal(dropped[name][~gone], batch[name][~gone])  # the others (and the padding) as they were
+    assert all(torch.equal(dropped[k], batch[k]) for k in batch if k not in ITEM_COLUMNS)  # categories, ctx, ...
+
+    cfg = {"features": {"emb_dim": 8, "item_dropout": dropout}, "head": [16, 8],
+           "lap": {"k1": 8, "k2": 4, "att_dim": 8, "heads": 2, "ffn_dim": 16}}
+    model = build_model(preset_config("lap", cfg), small_vocab)
+    seen: list = []
+    model.head.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    model.train()
+    first = model(batch)[0]
+    torch.testing.assert_close(seen[-1][:, -6:], match_counts(batch))  # the real ids' counts, dropout or not
+    assert torch.equal(first, model(batch)[0]) == (dropout == 0)  # a new draw of dropped ids each step
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(batch)[0]
+        model.cfg.features.item_dropout = 0.0
+        assert torch.equal(evaluated, model(batch)[0])  # evaluation reads every id
+    assert preset_config("lap").features.item_dropout == 0.8 and preset_config("din").features.item_dropout == 0.8
+    assert preset_config("lcn").features.item_dropout == 0.0 and preset_config("lcn_paper").features.item_dropout == 0.0

@@ -105,7 +105,7 @@ def test_build_sharded_model_allocates_only_this_ranks_rows():
     from raylsm.models.sharded_embedding import build_sharded_model, local_fraction
     from tests.test_sparse_embeddings import TINY
 
-    cfg = preset_config("lap", {**TINY, "features": {"emb_dim": 8, "hash_buckets": 300}})
+    cfg = preset_config("lap", {**TINY, "features": {"emb_dim": 8, "hash_buckets": 300, "item_dropout": 0.0}})
     model, names = build_sharded_model(cfg, VOCAB, world=2, rank=1, min_rows=20)
     assert names == ["item", "cate"]  # item always; cate (21 rows) >= min_rows; ctx, gap, profile tables stay whole
     item = model.features.tables["item"]

@@ -32,7 +32,8 @@ from raylsm.train.optim import RowSparseOptimizer, embedding_tables, split_param
 from tests.conftest import make_batch
 
 VOCAB = Vocab(item=500, cate=21, ctx=6, gap=10, user=31, profile={"age": 5, "gender": 3})
-TINY = {"features": {"emb_dim": 8}, "head": [16], "lap": {"k1": 8, "k2": 4, "att_dim": 8, "heads": 2, "ffn_dim": 16}}
+# item_dropout 0: these compare runs row by row (the lap preset drops item ids in training)
+TINY = {"features": {"emb_dim": 8, "item_dropout": 0.0}, "head": [16], "lap": {"k1": 8, "k2": 4, "att_dim": 8, "heads": 2, "ffn_dim": 16}}
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -197,7 +198,7 @@ def test_two_workers_exchange_table_rows_and_match_one_process(tmp_path):
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
-JOB_TINY = ["data.ll_len=12", "data.st_len=4", "model.features.emb_dim=8", "model.head=[16]", "model.lap.k1=8",
+JOB_TINY = ["model.features.item_dropout=0", "data.ll_len=12", "data.st_len=4", "model.features.emb_dim=8", "model.head=[16]", "model.lap.k1=8",
             "model.lap.k2=4", "model.lap.att_dim=8", "model.lap.heads=2", "model.lap.ffn_dim=16", "model.crp.m=16"]
 
 

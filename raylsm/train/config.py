@@ -30,7 +30,9 @@ from raylsm.models.config import PRESETS, ModelConfig
 # of the loss at a larger one), where ``lcn`` and ``cain`` keep learning for 2-4 epochs at the full rate and lose
 # 0.01-0.11 with it (docs/experiments.md, "Readings").
 PRESET_TRAIN: dict[str, dict] = {"lcn_paper": {"lr": 1e-3}, "cain_paper": {"lr": 1e-3},
-                                 **{name: {"lr_decay": 0.1} for name in ("lap", "din", "sim_soft", "eta", "sdim", "twin")}}
+                                 **{name: {"lr_decay": 0.1} for name in ("din", "sim_soft", "eta", "sdim", "twin")},
+                                 # with its item-id dropout, lap's first epoch learns the categories at 1e-2
+                                 "lap": {"lr_decay": 0.1, "lr": 1e-2}}
 
 
 @dataclass
