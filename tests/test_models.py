@@ -241,4 +241,5 @@ def test_item_dropout_drops_item_ids_in_training_only_and_the_counts_read_the_re
         model.cfg.features.item_dropout = 0.0
         assert torch.equal(evaluated, model(batch)[0])  # evaluation reads every id
     assert preset_config("lap").features.item_dropout == 0.8 and preset_config("din").features.item_dropout == 0.8
+    assert preset_config("cain").features.item_dropout == 0.8 and preset_config("cain_paper").features.item_dropout == 0.0
     assert preset_config("lcn").features.item_dropout == 0.0 and preset_config("lcn_paper").features.item_dropout == 0.0

@@ -75,6 +75,7 @@ READINGS: list[tuple[str, str, list[str]]] = [
     ("train.lr", "lap", ["0.001", "0.003"]),
     ("model.features.item_dropout", "lap", ["0.0", "0.5"]),
     ("model.features.item_dropout", "din", ["0.0"]),
+    ("model.features.item_dropout", "cain", ["0.0"]),
     ("model.lap.pooling", "lap", ["sum_scaled"]),
     ("model.lap.score_grad", "lap", ["msa"]),
     ("model.features.emb_init", "lap", ["normal"]),

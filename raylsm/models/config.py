@@ -379,6 +379,9 @@ PRESETS: dict[str, dict] = {
         # one item space (the run stops on the count before the context encoder learns), without the counts
         # 0.027-0.033 in the cross-domain worlds (docs/experiments.md, "Readings").
         "match_counts_dropout": 0.5,
+        # Item-id dropout 0.8: one item space +0.023 ± 0.008, decoys +0.008 ± 0.006, cross-domain level (docs/experiments.md,
+        # "Item-id dropout").
+        "features": {"item_dropout": 0.8},
         "context": {"kind": "tcn", "cl": 3, "merge": "context", "input": "context", "init": "box"},
         "msia": {"enabled": True},
         "peg": {"enabled": True, "filters": "depthwise"},
