@@ -50,3 +50,19 @@ def test_a_cells_key_changes_with_the_config_it_resolves_to():
     assert readings.cell_key("compact", "cain", "single", 0, [], [], 4, ["data.path=elsewhere", "train.seed=0"]) == key
     assert readings.cell_key("compact", "cain", "single", 0, [], [], 4, [*base, "model.match_counts_dropout=0"]) != key
     assert readings.cell_key("compact", "cain", "single", 0, [], [], 4, [*base, "train.lr_decay=0.5"]) != key
+
+
+def test_every_reading_resolves_on_its_preset():
+    """Each alternative the readings experiment trains is a valid job for its preset (a typo or a reading that
+    needs a partner key fails here, not minutes into a run), and one that names a partner carries it."""
+    from raylsm.train.config import resolve_job
+
+    for key, preset, values in readings.READINGS:
+        for v in values:
+            extra = readings.reading_overrides(key, v)
+            assert extra[0] == f"{key}={v.split(' ')[0]}"
+            resolve_job(preset=preset, overrides=list(extra))
+    assert readings.reading_overrides("train.on_plateau", "continue train.early_stop_patience=1") == (
+        "train.on_plateau=continue", "train.early_stop_patience=1")
+    with pytest.raises(Exception, match="train.on_plateau=rollback: needs train.early_stop_patience"):
+        resolve_job(preset="cain", overrides=["train.early_stop_patience=1"])  # the partner is needed

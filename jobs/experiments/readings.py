@@ -63,7 +63,8 @@ SIZES: dict[str, dict] = {
 }
 PRESET_NAMES = ["lcn", "cain", "lap", "din", "sim_soft", "eta", "sdim", "twin", "lcn_paper", "cain_paper"]
 # Each open reading: (key, the preset it is measured on, the alternatives to the preset's default value); a key
-# whose default differs between presets is measured on each of them.
+# whose default differs between presets is measured on each of them. An alternative may name further overrides
+# after a space, for readings that only hold together (reading_overrides).
 READINGS: list[tuple[str, str, list[str]]] = [
     ("model.head_products", "lap", ["false"]),
     ("model.match_counts", "lap", ["false"]),
@@ -81,7 +82,8 @@ READINGS: list[tuple[str, str, list[str]]] = [
     ("model.features.emb_init", "lap", ["normal"]),
     ("model.short_term_pooling", "lap", ["sum_scaled"]),
     ("train.lr_decay", "lcn", ["0.5", "0.1"]),
-    ("train.lr_decay", "cain", ["0.1"]),
+    ("train.lr_decay", "cain", ["0.1", "0.5"]),
+    ("train.on_plateau", "cain", ["continue train.early_stop_patience=1"]),
     ("train.lr_decay", "lap", ["1.0", "0.3"]),
     ("train.lr_decay", "din", ["1.0"]),
     ("train.lr_decay", "sim_soft", ["1.0"]),
@@ -98,6 +100,14 @@ READINGS: list[tuple[str, str, list[str]]] = [
     ("model.context.activation", "cain", ["none"]),
     ("model.peg.filters", "cain", ["full"]),
 ]
+
+
+def reading_overrides(key: str, value: str) -> tuple[str, ...]:
+    """The overrides of one alternative of a reading: ``key=value``, and any ``k=v`` that follow it after a space."""
+    first, *more = value.split(" ")
+    return (f"{key}={first}", *more)
+
+
 CELL_SCRIPT = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, preset, values in READINGS:
             if args.only and key not in args.only:
                 continue
-            variants += [(preset, ())] + [(preset, (f"{key}={v}",)) for v in values]
+            variants += [(preset, ())] + [(preset, reading_overrides(key, v)) for v in values]
     variants = list(dict.fromkeys(variants))
     cache_file = out / "cells.jsonl"
     cache: dict[str, dict] = {}
@@ -315,10 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and key not in args.only:
                 continue
             for v in values:
-                extra = (f"{key}={v}",)
+                extra = reading_overrides(key, v)
                 deltas = {w: paired((preset, extra), (preset, ()), w) for w in worlds}
                 report["readings"][f"{key}={v} ({preset})"] = {"preset": preset, **deltas}
-                lines.append(f"| `{key}={v}` | `{preset}` | " + " | ".join(cell(deltas[w], signed=True) for w in worlds) + " |")
+                lines.append(f"| `{' '.join(extra)}` | `{preset}` | " + " | ".join(cell(deltas[w], signed=True) for w in worlds) + " |")
     table = "\n".join(lines)
     (out / f"{args.what}-{args.size}.md").write_text(table + "\n")
     print("\n" + table, file=sys.stderr)

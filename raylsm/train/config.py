@@ -28,11 +28,14 @@ from raylsm.models.config import PRESETS, ModelConfig
 # first epoch and then over-fit; at lr_decay 0.1 their later epochs fine-tune instead (no loss at the chosen epoch
 # beyond the seed spread; the last epoch 0.000-0.007 behind it instead of 0.010-0.021 at the compact size, a third
 # of the loss at a larger one), where ``lcn`` and ``cain`` keep learning for 2-4 epochs at the full rate and lose
-# 0.01-0.11 with it (docs/experiments.md, "Readings").
+# 0.01-0.11 with it (docs/experiments.md, "Readings"). ``cain`` keeps the full rate until an epoch without a better
+# validation AUC, then goes back to the best epoch and fine-tunes it at a tenth of the rate (on_plateau=rollback,
+# patience 2 so the run goes on after it): its last epoch no longer trails the chosen one cross-domain.
 PRESET_TRAIN: dict[str, dict] = {"lcn_paper": {"lr": 1e-3}, "cain_paper": {"lr": 1e-3},
                                  **{name: {"lr_decay": 0.1} for name in ("din", "sim_soft", "eta", "sdim", "twin")},
                                  # with its item-id dropout, lap's first epoch learns the categories at 1e-2
-                                 "lap": {"lr_decay": 0.1, "lr": 1e-2}}
+                                 "lap": {"lr_decay": 0.1, "lr": 1e-2},
+                                 "cain": {"on_plateau": "rollback", "early_stop_patience": 2}}
 
 
 @dataclass
@@ -129,7 +132,8 @@ class TrainConfig:
             raise ConfigError(f"train.plateau_lr_factor: must be in (0, 1], got {self.plateau_lr_factor}")
         if self.on_plateau == "rollback" and self.early_stop_patience == 1:
             raise ConfigError("train.on_plateau=rollback: needs train.early_stop_patience 0 or >= 2 (at 1 the run stops "
-                              "at the first epoch without a better validation AUC, before any rollback)")
+                              "at the first epoch without a better validation AUC, before any rollback; "
+                              "train.on_plateau=continue with it stops there)")
         if not 0.0 <= self.weight_decay < 1.0 / self.lr:
             raise ConfigError(f"train.weight_decay: must be in [0, 1/train.lr) (0 = none), got {self.weight_decay}")
         if self.cpus_per_worker <= 0:
