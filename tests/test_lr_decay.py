@@ -27,9 +27,12 @@ def test_decay_lr_multiplies_every_group_once_per_call(factor, expect):
 def test_lr_decay_is_checked():
     # A preset's own reading (raylsm.train.config.PRESET_TRAIN), under the job's and the command's.
     assert resolve_job(preset="lcn").train.lr_decay == 1.0 and resolve_job(preset="cain").train.lr_decay == 1.0
-    cain = resolve_job(preset="cain").train  # its rollback at a plateau, and the patience that lets the run go on
-    assert (cain.on_plateau, cain.early_stop_patience) == ("rollback", 2)
-    assert resolve_job(preset="lcn").train.on_plateau == "continue"
+    for name in ("lcn", "cain"):  # their rollback at a plateau, and the patience that lets the run go on
+        train = resolve_job(preset=name).train
+        assert (train.on_plateau, train.early_stop_patience) == ("rollback", 2), name
+    for name in ("lcn_paper", "cain_paper", "lap", "din"):  # the papers' runs and the baselines: no rollback
+        train = resolve_job(preset=name).train
+        assert (train.on_plateau, train.early_stop_patience) == ("continue", 1), name
     for name in ("lap", "din", "sim_soft", "eta", "sdim", "twin"):
         assert resolve_job(preset=name).train.lr_decay == 0.1, name
     assert resolve_job(preset="lap", overrides=["train.lr_decay=1"]).train.lr_decay == 1.0
