@@ -37,7 +37,8 @@ PRESET_TRAIN: dict[str, dict] = {"lcn_paper": {"lr": 1e-3}, "cain_paper": {"lr":
                                  **{name: {"lr_decay": 0.1} for name in ("din", "sim_soft", "eta", "sdim", "twin")},
                                  # with its item-id dropout, lap's first epoch learns the categories at 1e-2
                                  "lap": {"lr_decay": 0.1, "lr": 1e-2},
-                                 **{name: {"on_plateau": "rollback", "early_stop_patience": 2} for name in ("lcn", "cain")}}
+                                 **{name: {"on_plateau": "rollback", "early_stop_patience": 2}
+                                    for name in ("lcn", "cain")}}
 
 
 @dataclass
