@@ -364,9 +364,8 @@ PRESETS: dict[str, dict] = {
     # spread for lap, on one for din and never behind; the retrieval baselines ahead in 20 of their 24 cells at
     # two sizes, the 4 behind with decoys, within twice the spread), and no loss after the chosen epoch
     # (docs/experiments.md, "Item-id dropout", "The retrieval baselines on the three worlds").
-    "din": {"lifelong": "din", "features": {"item_dropout": 0.8}},
-    **{name: {"lifelong": name, "features": {"item_dropout": 0.8}} for name in ("sim_soft", "eta", "sdim", "twin")},
-    "lap": {"lifelong": "lap", "features": {"item_dropout": 0.8}},
+    **{name: {"lifelong": name, "features": {"item_dropout": 0.8}}
+       for name in ("din", "sim_soft", "eta", "sdim", "twin", "lap")},
     # λ_CRP 16: measured against 0.89 (the search's), 2, 4 and 8 on the three worlds (docs/experiments.md, "Readings");
     # τ 0.92 and M 2594: the CRP search's.
     "lcn": {"lifelong": "lap", "crp": {"enabled": True, "weight": 16.0, "tau": 0.92, "m": 2594}},

@@ -27,8 +27,8 @@ from raylsm.models.config import PRESETS, ModelConfig
 # literal presets keep the papers' learning rate. ``lap``, ``din`` and the retrieval baselines peak after their
 # first epoch and then over-fit; at lr_decay 0.1 their later epochs fine-tune instead (no loss at the chosen epoch
 # beyond the seed spread; the last epoch 0.000-0.007 behind it instead of 0.010-0.021 at the compact size; with
-# lap's and din's item-id dropout within 0.001 at the compact and the larger size), where ``lcn`` and ``cain`` keep learning for 2-4 epochs at the full rate and lose
-# 0.01-0.11 with it (docs/experiments.md, "Readings"). ``cain`` keeps the full rate until an epoch without a better
+# their item-id dropout within 0.001 at the compact and the larger size), where ``lcn`` and ``cain`` keep learning
+# for 2-4 epochs at the full rate and lose 0.01-0.11 with it (docs/experiments.md, "Readings"). ``cain`` keeps the full rate until an epoch without a better
 # validation AUC, then goes back to the best epoch and fine-tunes it at a tenth of the rate (on_plateau=rollback,
 # patience 2 so the run goes on after it): its last epoch no longer trails the chosen one cross-domain. ``lcn`` the
 # same: where it peaks at its second epoch (the larger size, cross-domain) the fine-tuned epoch after the rollback
