@@ -99,3 +99,54 @@ def test_on_plateau_is_checked():
     assert job.train.on_plateau == "rollback" and job.train.plateau_lr_factor == 0.1
     with pytest.raises(Exception, match=r"train.plateau_lr_factor: must be in \(0, 1\]"):
         resolve_job(preset="lap", overrides=["train.plateau_lr_factor=0"])
+
+
+@pytest.mark.parametrize("setting,epochs_run", [(["train.rollback_finetune=true"], 3),
+                                                (["train.rollback_finetune=false"], 2),
+                                                (["train.on_plateau=continue", "train.early_stop_patience=0"], 2)],
+                         ids=["fine-tune", "fine-tune off", "continue"])
+def test_a_rollback_after_the_budgets_last_epoch_is_followed_by_its_fine_tune(tmp_path, monkeypatch, setting, epochs_run):
+    """``train.rollback_finetune``: the budget's last epoch brings no better validation AUC, so (with rollback) one
+    more epoch fine-tunes the restored best state at the lowered rate; off, or without rollback, the run ends at the
+    budget. Either way the returned model is the best epoch's."""
+    import raylsm.train.local as local
+    from raylsm.data.contract import read_manifest
+    from raylsm.models.layers import Vocab
+    from tests.conftest import small_world_dataset
+
+    data = small_world_dataset(tmp_path / "ds", rows=600, users=60)
+    real, calls = local.evaluate_arrays, []
+    scripted_val = [0.70, 0.60, 0.65]  # epoch 0 the best; epoch 1, the budget's last, worse; the fine-tune too
+
+    def evaluate(labels, logits, users):  # each epoch scores test, then validation
+        out = real(labels, logits, users)
+        calls.append(out)
+        if len(calls) % 2 == 0:
+            out["auc"] = scripted_val[len(calls) // 2 - 1]
+        return out
+
+    monkeypatch.setattr(local, "evaluate_arrays", evaluate)
+    job = resolve_job(preset="lcn", overrides=[
+        f"data.path={data}", "data.ll_len=40", "data.st_len=10", "model.features.emb_dim=8", "model.head=[16]",
+        "model.lap.k1=16", "model.lap.k2=8", "model.lap.att_dim=8", "model.lap.heads=2", "model.lap.ffn_dim=16",
+        "model.crp.m=32", "train.batch_size=64", "train.epochs=2", "train.max_steps_per_epoch=3", *setting])
+    assert job.train.lr == 0.003
+    captured: dict = {}
+    keep = local.BestState.keep
+
+    def keep_and_copy(self, model, optimizer):
+        keep(self, model, optimizer)
+        captured["best"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    monkeypatch.setattr(local.BestState, "keep", keep_and_copy)
+    model, history = local.fit_local(job, Vocab.from_manifest(read_manifest(data)))
+    assert [h["epoch"] for h in history] == list(range(epochs_run))
+    assert [h["val_auc"] for h in history] == scripted_val[:epochs_run]
+    rollback = job.train.on_plateau == "rollback"
+    # The rate each epoch trained at: the fine-tune at a tenth of it.
+    assert [h["lr"] for h in history] == pytest.approx([0.003, 0.003, 0.0003][:epochs_run])
+    assert history[-1]["epochs_since_best"] == epochs_run - 1
+    assert local.chosen_epoch(history)["epoch"] == 0
+    # The returned model holds epoch 0's weights (kept by the rollback's copy; none without it).
+    if rollback:
+        assert all(torch.equal(v, captured["best"][k]) for k, v in model.state_dict().items())

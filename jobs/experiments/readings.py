@@ -89,6 +89,8 @@ READINGS: list[tuple[str, str, list[str]]] = [
     ("train.lr_decay", "cain", ["0.1", "0.5"]),
     ("train.on_plateau", "cain", ["continue train.early_stop_patience=1"]),
     ("train.on_plateau", "lcn", ["continue train.early_stop_patience=1"]),
+    ("train.rollback_finetune", "cain", ["false"]),
+    ("train.rollback_finetune", "lcn", ["false"]),
     ("train.lr_decay", "lap", ["1.0", "0.3"]),
     ("train.lr_decay", "din", ["1.0"]),
     ("train.lr_decay", "sim_soft", ["1.0"]),

@@ -103,6 +103,10 @@ class TrainConfig:
     # state); a worker restarted from a checkpoint that is not the best lowers the rate without restoring.
     on_plateau: Literal["continue", "rollback"] = "continue"
     plateau_lr_factor: float = 0.1
+    # With rollback: a rollback after the budget's last epoch is followed by one more epoch, the fine-tune of the
+    # restored best state at the lowered rate, so no run ends on the over-fitted epoch (the budget grows by at most
+    # one epoch). false = the run ends at the budget with the best epoch's weights.
+    rollback_finetune: bool = True
     # Decoupled weight decay (AdamW's): every step each parameter is multiplied by (1 - lr * weight_decay) before
     # Adam's update; 0 = none (the papers'). With row-sparse tables only the rows a step touched decay.
     weight_decay: float = 0.0

@@ -18,7 +18,8 @@ from raylsm.models.ctr import build_model
 from raylsm.train.config import JobConfig
 from raylsm.train.metrics import evaluate_arrays
 from raylsm.train.optim import build_optimizer
-from raylsm.train.step import BestState, EarlyStopping, decay_lr, predict, seed_everything, train_epoch, unwrap
+from raylsm.train.step import (BestState, EarlyStopping, decay_lr, epoch_limit, predict, seed_everything, train_epoch,
+                               unwrap)
 
 
 def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.Module, list[dict]]:
@@ -54,7 +55,8 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
     history: list[dict] = []
     stopper = EarlyStopping(job.train.early_stop_patience)
     best = BestState(job.train.on_plateau == "rollback", job.train.plateau_lr_factor)
-    for epoch in range(job.train.epochs):
+    epoch, epochs = 0, job.train.epochs
+    while epoch < epochs:
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
         stats = train_epoch(model, optimizer, batches(plan.train, job.train.batch_size, job.train.seed + epoch),
                             device, max_steps=job.train.max_steps_per_epoch, bf16=job.train.bf16)
@@ -73,6 +75,8 @@ def fit_local(job: JobConfig, vocab: Vocab, progress: bool = False) -> tuple[nn.
         what = best.after_epoch(unwrap(model), optimizer, metrics)  # train.on_plateau=rollback
         if what and progress:
             print(f"epoch {epoch}: no better val_auc; {what}", file=sys.stderr)
+        epochs = epoch_limit(job.train, epoch, epochs, what is not None)  # train.rollback_finetune
+        epoch += 1
     if plan.val is not None and metrics["epochs_since_best"] > 0 and best.best is not None:
         unwrap(model).load_state_dict(best.best[0])
     return model, history

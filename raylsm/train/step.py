@@ -184,6 +184,14 @@ class BestState:
         return what
 
 
+def epoch_limit(train, epoch: int, limit: int, rolled_back: bool) -> int:
+    """The number of epochs a run trains, after ``epoch`` (``train.rollback_finetune``): one more than the budget
+    when that epoch was the budget's last and brought a rollback (``rolled_back``), so the fine-tune it sets up runs."""
+    if rolled_back and train.rollback_finetune and epoch == train.epochs - 1:
+        return train.epochs + 1
+    return limit
+
+
 def _to_cpu(tree):
     """A copy of a state dict's tree with every tensor on the CPU."""
     if isinstance(tree, Tensor):
