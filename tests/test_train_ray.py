@@ -83,7 +83,8 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     assert touched.numel() > 20 and {0, 1} <= set((touched % 2).tolist())  # ids of both workers' shards moved
     resumed = results[1] = run_training(_job(tiny_data, tmp_path, f"train.epochs={state['epoch'] + 2}",
                                              "train.workers=1", "train.embedding_update=sparse",
-                                             "train.early_stop_patience=0", "name=from-ckpt",
+                                             "train.early_stop_patience=0", "train.rollback_finetune=false",
+                                             "name=from-ckpt",  # exactly the one epoch after the checkpoint's
                                              f"resume_from={results[2]['checkpoint']}"))
     for workers, r in results.items():
         assert r["auc"] > 0.55, (workers, r)
@@ -118,9 +119,17 @@ def test_one_and_two_workers_metrics_exact_and_mlflow(ray_local, tiny_data, tmp_
     assert run.info.status == "FINISHED"
     assert run.data.params["model.lap.k1"] == "16" and run.data.params["train.workers"] == "2"
     assert run.data.tags["raylsm.model"] == "lcn" and run.data.tags["raylsm.dataset"] == "synthetic-cross-domain"
+    # lcn rolls back at a plateau: after the budget's last epoch (2) that brings one more, the fine-tune of the
+    # restored best state at a tenth of the rate (train.rollback_finetune), on both sharded workers alike.
+    series = {key: {m.step: m.value for m in client.get_metric_history(r["mlflow_run_id"], key)}
+              for key in ("epochs_since_best", "lr")}
+    epochs = 4 if series["epochs_since_best"][2] else 3
+    assert r["epochs_run"] == epochs
+    if epochs == 4:
+        assert series["lr"][3] == pytest.approx(series["lr"][2] * 0.1)
     for key in ("val_auc", "val_logloss", "test_auc", "test_gauc", "test_logloss", "train_loss", "crp_loss", "samples_per_s"):
         history = client.get_metric_history(r["mlflow_run_id"], key)
-        assert [m.step for m in history] == [0, 1, 2], key
+        assert [m.step for m in history] == list(range(epochs)), key
     assert client.get_metric_history(r["mlflow_run_id"], "crp_loss")[0].value > 0
     # Honest headline: the kept checkpoint is the best by validation AUC, and the run's auc is its test AUC.
     val = {m.step: m.value for m in client.get_metric_history(r["mlflow_run_id"], "val_auc")}
