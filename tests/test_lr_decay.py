@@ -150,3 +150,30 @@ def test_a_rollback_after_the_budgets_last_epoch_is_followed_by_its_fine_tune(tm
     # The returned model holds epoch 0's weights (kept by the rollback's copy; none without it).
     if rollback:
         assert all(torch.equal(v, captured["best"][k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("since,epoch,setting,epochs,lowered", [
+    (1, 1, [], 3, True),  # the budget's last epoch: the rollback and its fine-tune epoch
+    (1, 0, [], 2, True),  # an earlier epoch: the rollback, the budget as it is
+    (0, 1, [], 2, False),  # the checkpoint is the best: nothing pending
+    (1, 1, ["train.rollback_finetune=false"], 2, True),
+    (1, 1, ["train.on_plateau=continue", "train.early_stop_patience=1"], 2, False),
+], ids=["last epoch", "earlier epoch", "best checkpoint", "fine-tune off", "continue"])
+def test_a_resumed_run_takes_the_rollback_its_checkpoint_left_pending(since, epoch, setting, epochs, lowered):
+    """A worker restarted from the checkpoint of an epoch without a better validation AUC: the rollback after that
+    epoch was lost with the worker; the resumed run lowers the rate (no best state to restore in this process)
+    and, after the budget's last epoch, trains the fine-tune epoch."""
+    from raylsm.train.step import BestState, resume_plateau
+
+    job = resolve_job(preset="lcn", overrides=["train.epochs=2", *setting])
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+    before = model.weight.detach().clone()
+    best = BestState(True, job.train.plateau_lr_factor) if job.train.on_plateau == "rollback" else None
+    previous = {"epoch": epoch, "val_auc": 0.6, "best_val_auc": 0.7, "epochs_since_best": since}
+    got, what = resume_plateau(best, job.train, epoch + 1, previous, model, opt)
+    assert got == epochs
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0003 if lowered else 0.003)
+    assert (what or "").startswith("rate x0.1 without restoring") == lowered
+    assert torch.equal(model.weight, before)
+    assert resume_plateau(best, job.train, 0, None, model, opt) == (2, None)  # a fresh run

@@ -33,6 +33,8 @@ from raylsm.models.config import PRESETS, ModelConfig
 # patience 2 so the run goes on after it): its last epoch no longer trails the chosen one cross-domain. ``lcn`` the
 # same: where it peaks at its second epoch (the larger size, cross-domain) the fine-tuned epoch after the rollback
 # is its best, and elsewhere it changes nothing (a run that peaks later ends at the cap with the same epochs).
+# A rollback after the budget's last epoch brings its fine-tune epoch (rollback_finetune): every lcn run then ends
+# at its chosen epoch, and the chosen epoch is never worse.
 PRESET_TRAIN: dict[str, dict] = {"lcn_paper": {"lr": 1e-3}, "cain_paper": {"lr": 1e-3},
                                  **{name: {"lr_decay": 0.1} for name in ("din", "sim_soft", "eta", "sdim", "twin")},
                                  # with its item-id dropout, lap's first epoch learns the categories at 1e-2
@@ -100,7 +102,8 @@ class TrainConfig:
     # them (until early stopping); rollback = the best epoch's weights and optimizer state are restored and the
     # rate multiplied by plateau_lr_factor, so the next epoch fine-tunes the best model instead of the over-fitted
     # one (needs early_stop_patience 0 or >= 2). Kept in memory (a CPU copy of this worker's model and optimizer
-    # state); a worker restarted from a checkpoint that is not the best lowers the rate without restoring.
+    # state); a worker restarted from a checkpoint that is not the best lowers the rate without restoring (at
+    # once when the checkpoint's epoch is the one without a better validation AUC: raylsm.train.step.resume_plateau).
     on_plateau: Literal["continue", "rollback"] = "continue"
     plateau_lr_factor: float = 0.1
     # With rollback: a rollback after the budget's last epoch is followed by one more epoch, the fine-tune of the

@@ -35,8 +35,8 @@ from raylsm.train.config import JobConfig
 from raylsm.train.epoch_log import rank_zero_logger, system_metrics
 from raylsm.train.metrics import evaluate_arrays, gather_arrays
 from raylsm.train.optim import build_optimizer
-from raylsm.train.step import (BestState, EarlyStopping, decay_lr, epoch_limit, predict, seed_everything, train_epoch,
-                               unused_parameters, unwrap)
+from raylsm.train.step import (BestState, EarlyStopping, decay_lr, epoch_limit, predict, resume_plateau, seed_everything,
+                               train_epoch, unused_parameters, unwrap)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -103,14 +103,11 @@ def train_loop_per_worker(config: dict) -> None:
     best = BestState(True, job.train.plateau_lr_factor) if job.train.on_plateau == "rollback" else None
     if best is not None and resume_dir is not None and selection.since == 0 and selection.best > float("-inf"):
         best.keep(unwrap(model), optimizer)
-    epoch, epochs = start_epoch, job.train.epochs
-    if best is not None and resume_dir is not None and selection.since > 0:
-        # The checkpoint's epoch brought no better validation AUC and the rollback after it went with the worker:
-        # take it now (the rate lowered; the best state is not in this process), with its fine-tune epoch.
-        what = best.after_epoch(unwrap(model), optimizer, previous_metrics(resume_dir))
-        epochs = epoch_limit(job.train, start_epoch - 1, epochs, what is not None)
-        if what and rank == 0:
-            print(f"resumed after epoch {start_epoch - 1} (no better val_auc): {what}", file=sys.stderr)
+    # The rollback a resumed checkpoint's epoch left pending (train.on_plateau=rollback), with its fine-tune epoch.
+    epochs, what = resume_plateau(best, job.train, start_epoch, previous_metrics(resume_dir), unwrap(model), optimizer)
+    if what and rank == 0:
+        print(f"resumed after epoch {start_epoch - 1} (no better val_auc): {what}", file=sys.stderr)
+    epoch = start_epoch
     while epoch < epochs:
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains at (lr_decay and rollbacks included)
         with tqdm(desc=f"epoch {epoch}", unit=" rows", disable=rank != 0, file=sys.stderr, mininterval=10) as bar:

@@ -192,6 +192,18 @@ def epoch_limit(train, epoch: int, limit: int, rolled_back: bool) -> int:
     return limit
 
 
+def resume_plateau(best: BestState | None, train, start_epoch: int, previous: dict | None, model: nn.Module,
+                   optimizer) -> tuple[int, str | None]:
+    """A run resumed after an epoch without a better validation AUC (``previous``, its checkpoint's metrics): the
+    rollback that followed that epoch went with the worker, so take it now (the rate lowered; the best state is not
+    in this process), with its fine-tune epoch when that epoch was the budget's last. Returns the number of epochs
+    the run trains and what was done, in words (None: nothing pending, or no rollback)."""
+    if best is None or not previous or not previous.get("epochs_since_best"):
+        return train.epochs, None
+    what = best.after_epoch(model, optimizer, previous)
+    return epoch_limit(train, start_epoch - 1, train.epochs, what is not None), what
+
+
 def _to_cpu(tree):
     """A copy of a state dict's tree with every tensor on the CPU."""
     if isinstance(tree, Tensor):
