@@ -142,14 +142,12 @@ def test_a_rollback_after_the_budgets_last_epoch_is_followed_by_its_fine_tune(tm
     model, history = local.fit_local(job, Vocab.from_manifest(read_manifest(data)))
     assert [h["epoch"] for h in history] == list(range(epochs_run))
     assert [h["val_auc"] for h in history] == scripted_val[:epochs_run]
-    rollback = job.train.on_plateau == "rollback"
     # The rate each epoch trained at: the fine-tune at a tenth of it.
     assert [h["lr"] for h in history] == pytest.approx([0.003, 0.003, 0.0003][:epochs_run])
     assert history[-1]["epochs_since_best"] == epochs_run - 1
     assert local.chosen_epoch(history)["epoch"] == 0
-    # The returned model holds epoch 0's weights (kept by the rollback's copy; none without it).
-    if rollback:
-        assert all(torch.equal(v, captured["best"][k]) for k, v in model.state_dict().items())
+    # The returned model holds epoch 0's weights (the best epoch's copy, restored at the end in every setting).
+    assert all(torch.equal(v, captured["best"][k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("since,epoch,setting,epochs,lowered", [

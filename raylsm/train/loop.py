@@ -98,13 +98,14 @@ def train_loop_per_worker(config: dict) -> None:
     monitor = system_metrics(config) if rank == 0 else None
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     test_shard = ray.train.get_dataset_shard("test")
-    selection = EarlyStopping(job.train.early_stop_patience, previous_metrics(resume_dir))
+    previous = previous_metrics(resume_dir)  # the resumed checkpoint's metrics (None for a fresh run)
+    selection = EarlyStopping(job.train.early_stop_patience, previous)
     # train.on_plateau=rollback: the best epoch's state in memory (a resumed run's, when its checkpoint is the best).
     best = BestState(True, job.train.plateau_lr_factor) if job.train.on_plateau == "rollback" else None
     if best is not None and resume_dir is not None and selection.since == 0 and selection.best > float("-inf"):
         best.keep(unwrap(model), optimizer)
     # The rollback a resumed checkpoint's epoch left pending (train.on_plateau=rollback), with its fine-tune epoch.
-    epochs, what = resume_plateau(best, job.train, start_epoch, previous_metrics(resume_dir), unwrap(model), optimizer)
+    epochs, what = resume_plateau(best, job.train, start_epoch, previous, unwrap(model), optimizer)
     if what and rank == 0:
         print(f"resumed after epoch {start_epoch - 1} (no better val_auc): {what}", file=sys.stderr)
     epoch = start_epoch
